@@ -1,0 +1,82 @@
+//! `mesh-agent run`: wires the parts together and runs until SIGTERM/SIGINT.
+//!
+//! catalog files ─▶ Reconciler ─▶ IPAM, edge0, data path ─▶ View ─▶ admin API
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::catalog::{self, SourceState};
+use crate::config::Config;
+use crate::datapath;
+use crate::device::Device;
+use crate::ipam::Ipam;
+use crate::metrics::Metrics;
+use crate::reconcile::Reconciler;
+use crate::view::View;
+use crate::{admin, state_file};
+
+pub async fn run(config: Config) -> Result<()> {
+    info!(node = %config.node_name, version = env!("CARGO_PKG_VERSION"), "starting");
+    state_file::ensure_dir(&config.state_dir)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let source_state = Arc::new(SourceState::default());
+    let catalogs = catalog::file::spawn(config.catalog.files.clone(), Arc::clone(&source_state));
+    let view = Arc::new(View::new(source_state));
+    let metrics = Arc::new(Metrics::default());
+    let admin = admin::server::serve(
+        config.admin.listen,
+        Arc::clone(&view),
+        metrics,
+        config.node_name.clone(),
+        shutdown_rx.clone(),
+    )
+    .await?;
+
+    let device = Device::create(&config.device.name).await?;
+    let dns_address: BTreeSet<_> = config
+        .dns
+        .enable
+        .then_some(config.dns.listen.ip())
+        .into_iter()
+        .collect();
+    let ipam = Ipam::load(
+        config.device.vip_pool,
+        dns_address.iter().copied().collect(),
+        &config.state_dir,
+    );
+    let datapath = datapath::start(&config).context("starting the data path")?;
+    let reconciler = Reconciler::new(
+        ipam,
+        device,
+        datapath,
+        dns_address,
+        config.load_balancer.strategy,
+        Arc::clone(&view),
+    );
+    let reconciling = tokio::spawn(reconciler.run(catalogs, shutdown_rx));
+
+    wait_for_signal().await?;
+    info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    // Dropping the reconciler closes the data path and removes edge0 with its addresses.
+    drop(reconciling.await.context("reconciler task")?);
+    let _ = admin.await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

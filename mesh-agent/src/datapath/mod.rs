@@ -1,0 +1,168 @@
+//! The data path: how a connection to a service VIP reaches a backend. One trait, two implementations: the eBPF
+//! socket-level rewrite (`ebpf`) and the userspace splice proxy (`userspace`). The reconciler feeds either the
+//! same diffs.
+
+pub mod userspace;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Protocol, ServiceId};
+use crate::config::{Config, DataplaneMode};
+use crate::lb::Policy;
+
+/// What a client connects to: a service VIP, port and protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Frontend {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.vip, self.port),
+            self.protocol.as_str()
+        )
+    }
+}
+
+/// Where a frontend's connections go. `backends` holds ready endpoints only, in a stable order; empty means
+/// "refuse connections at once".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontendSpec {
+    pub service: ServiceId,
+    pub policy: Policy,
+    pub backends: Arc<[SocketAddr]>,
+}
+
+/// The desired frontends of the whole catalog.
+pub type Frontends = BTreeMap<Frontend, FrontendSpec>;
+
+/// One step from the old frontends to the new.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Upsert(Frontend, FrontendSpec),
+    Remove(Frontend),
+}
+
+/// The changes that turn `old` into `new`: only frontends that differ, so one endpoint edit in a large catalog
+/// touches one frontend.
+pub fn diff(old: &Frontends, new: &Frontends) -> Vec<Change> {
+    let removed = old
+        .keys()
+        .filter(|f| !new.contains_key(f))
+        .map(|f| Change::Remove(*f));
+    let upserted = new
+        .iter()
+        .filter(|(f, spec)| old.get(f) != Some(spec))
+        .map(|(f, spec)| Change::Upsert(*f, spec.clone()));
+    removed.chain(upserted).collect()
+}
+
+/// What the admin API and `mesh-agent status` show about the data path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathStatus {
+    /// `ebpf` or `userspace` (per feature, see `features`).
+    pub mode: String,
+    /// Why this mode was chosen.
+    pub why: String,
+    /// Per feature (tcp, udp, getpeername, ...): which implementation serves it and why.
+    pub features: Vec<FeatureStatus>,
+    /// Loaded kernel programs (empty on the userspace path).
+    pub programs: Vec<String>,
+    /// Map name → (entries, capacity).
+    pub maps: BTreeMap<String, (usize, usize)>,
+    pub frontends: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FeatureStatus {
+    pub feature: String,
+    pub implementation: String,
+    pub why: String,
+}
+
+/// Starts the data path `dataplane.mode` asks for.
+pub fn start(config: &Config) -> anyhow::Result<Box<dyn Datapath>> {
+    match config.dataplane.mode {
+        DataplaneMode::Userspace | DataplaneMode::Auto => {
+            Ok(Box::new(userspace::UserspaceDatapath::new()))
+        }
+        DataplaneMode::Ebpf => {
+            anyhow::bail!("dataplane.mode ebpf: this build has no eBPF data path")
+        }
+    }
+}
+
+/// A data path implementation. `apply` gets every change once, in order; a frontend that cannot be programmed is
+/// reported in the error and the others still take effect.
+pub trait Datapath: Send {
+    fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()>;
+    fn status(&self) -> DatapathStatus;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lb::Strategy;
+
+    fn spec(ports: &[u16]) -> FrontendSpec {
+        FrontendSpec {
+            service: ServiceId {
+                namespace: "default".into(),
+                name: "web".into(),
+            },
+            policy: Policy {
+                strategy: Strategy::RoundRobin,
+                affinity: None,
+            },
+            backends: ports
+                .iter()
+                .map(|p| SocketAddr::from(([10, 0, 0, 1], *p)))
+                .collect(),
+        }
+    }
+
+    fn frontend(port: u16) -> Frontend {
+        Frontend {
+            vip: [10, 250, 0, 1].into(),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn diff_touches_only_what_changed() {
+        let old: Frontends = [
+            (frontend(80), spec(&[1])),
+            (frontend(81), spec(&[1])),
+            (frontend(82), spec(&[1])),
+        ]
+        .into();
+        let new: Frontends = [
+            (frontend(80), spec(&[1])),
+            (frontend(81), spec(&[1, 2])),
+            (frontend(83), spec(&[1])),
+        ]
+        .into();
+        let changes = diff(&old, &new);
+        assert_eq!(
+            changes,
+            vec![
+                Change::Remove(frontend(82)),
+                Change::Upsert(frontend(81), spec(&[1, 2])),
+                Change::Upsert(frontend(83), spec(&[1]))
+            ]
+        );
+        assert!(diff(&new, &new).is_empty());
+    }
+}

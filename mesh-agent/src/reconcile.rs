@@ -1,0 +1,187 @@
+//! The one loop: catalog snapshots in, diffs out to IPAM, edge0, the data path, and the view the admin API shows.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::catalog::{Catalog, ClusterIp};
+use crate::datapath::{self, Datapath, Frontend, FrontendSpec, Frontends};
+use crate::device::Device;
+use crate::ipam::{Assignment, Ipam};
+use crate::lb::{Policy, Strategy};
+use crate::view::{ServiceView, View};
+
+/// How often the reconciler checks that edge0 still exists.
+const DEVICE_CHECK: Duration = Duration::from_secs(1);
+
+pub struct Reconciler {
+    pub ipam: Ipam,
+    pub device: Device,
+    pub datapath: Box<dyn Datapath>,
+    /// Addresses edge0 holds besides the VIPs (the DNS address).
+    pub extra_addresses: BTreeSet<IpAddr>,
+    pub strategy: Strategy,
+    pub view: Arc<View>,
+    frontends: Frontends,
+}
+
+impl Reconciler {
+    pub fn new(
+        ipam: Ipam,
+        device: Device,
+        datapath: Box<dyn Datapath>,
+        extra_addresses: BTreeSet<IpAddr>,
+        strategy: Strategy,
+        view: Arc<View>,
+    ) -> Self {
+        Self {
+            ipam,
+            device,
+            datapath,
+            extra_addresses,
+            strategy,
+            view,
+            frontends: Frontends::new(),
+        }
+    }
+
+    /// Applies every new catalog until `catalogs` closes or `shutdown` fires; returns the reconciler so the caller
+    /// can tear down what it holds.
+    pub async fn run(
+        mut self,
+        mut catalogs: watch::Receiver<Arc<Catalog>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let mut current = catalogs.borrow_and_update().clone();
+        self.apply(&current).await;
+        let mut tick = tokio::time::interval(DEVICE_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = catalogs.changed() => {
+                    if changed.is_err() {
+                        return self;
+                    }
+                    current = catalogs.borrow_and_update().clone();
+                    self.apply(&current).await;
+                }
+                _ = tick.tick() => self.check_device(&current).await,
+                _ = shutdown.changed() => return self,
+            }
+        }
+    }
+
+    /// Brings every consumer to `catalog`. Failures of one part are logged and do not stop the others.
+    pub async fn apply(&mut self, catalog: &Catalog) {
+        let started = Instant::now();
+        let assignment = match self.ipam.assign(catalog) {
+            Ok(a) => a,
+            Err(e) => {
+                error!("VIP allocation: {e:#}");
+                return;
+            }
+        };
+        for (id, e) in &assignment.errors {
+            warn!(service = %id, "no VIP: {e}");
+        }
+        let frontends = frontends(catalog, &assignment, self.strategy);
+        let changes = datapath::diff(&self.frontends, &frontends);
+        let removals: Vec<_> = changes
+            .iter()
+            .filter(|c| matches!(c, datapath::Change::Remove(_)))
+            .cloned()
+            .collect();
+        let upserts: Vec<_> = changes
+            .iter()
+            .filter(|c| matches!(c, datapath::Change::Upsert(..)))
+            .cloned()
+            .collect();
+
+        // Remove frontends before their addresses go, and add addresses before new frontends use them.
+        if let Err(e) = self.datapath.apply(&removals) {
+            error!("data path: {e:#}");
+        }
+        let mut addresses: BTreeSet<IpAddr> = assignment.vips.values().copied().collect();
+        addresses.extend(&self.extra_addresses);
+        if let Err(e) = self.device.sync(&addresses).await {
+            error!("{e:#}");
+        }
+        if let Err(e) = self.datapath.apply(&upserts) {
+            error!("data path: {e:#}");
+        }
+        self.frontends = frontends;
+        self.view.publish(
+            ServiceView::all(catalog, &assignment),
+            self.datapath.status(),
+        );
+        if !changes.is_empty() {
+            info!(changes = changes.len(), frontends = self.frontends.len(), took = ?started.elapsed(), "catalog applied");
+        } else {
+            debug!(took = ?started.elapsed(), "catalog applied, no frontend changed");
+        }
+    }
+
+    /// Recreates edge0 if it was deleted behind the agent's back, then re-adds its addresses.
+    async fn check_device(&mut self, catalog: &Catalog) {
+        match self.device.exists().await {
+            Ok(true) => return,
+            Ok(false) => warn!(
+                device = self.device.name(),
+                "device disappeared, recreating it"
+            ),
+            Err(e) => {
+                warn!("{e:#}");
+                return;
+            }
+        }
+        match Device::create(self.device.name()).await {
+            Ok(device) => {
+                self.device = device;
+                self.apply(catalog).await;
+            }
+            Err(e) => error!("{e:#}"),
+        }
+    }
+}
+
+/// Every frontend of the catalog: one per (VIP, port, protocol) of every service that has a VIP.
+pub fn frontends(catalog: &Catalog, assignment: &Assignment, strategy: Strategy) -> Frontends {
+    let mut out = Frontends::new();
+    for (id, svc) in &catalog.services {
+        if svc.cluster_ip == ClusterIp::Headless {
+            continue;
+        }
+        let Some(vip) = assignment.vips.get(id) else {
+            continue;
+        };
+        let policy = Policy {
+            strategy,
+            affinity: svc.affinity,
+        };
+        for port in &svc.ports {
+            let backends: Arc<[SocketAddr]> = svc
+                .backends(port)
+                .into_iter()
+                .map(|b| SocketAddr::new(b.ip, b.port))
+                .collect();
+            let frontend = Frontend {
+                vip: *vip,
+                port: port.port,
+                protocol: port.protocol,
+            };
+            out.insert(
+                frontend,
+                FrontendSpec {
+                    service: id.clone(),
+                    policy,
+                    backends,
+                },
+            );
+        }
+    }
+    out
+}

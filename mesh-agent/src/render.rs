@@ -1,0 +1,93 @@
+//! Client commands' output: kubectl-like tables, or JSON with `-o json`.
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+
+use crate::admin::{client, Status};
+use crate::cli::Output;
+use crate::view::ServiceView;
+
+pub fn services(admin: SocketAddr, output: Output) -> Result<()> {
+    let services: Vec<ServiceView> = client::get_json(admin, "/api/v1/services")?;
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(&services)?);
+        return Ok(());
+    }
+    let rows: Vec<[String; 5]> = services
+        .iter()
+        .map(|s| {
+            let vip = match (s.vip, s.headless) {
+                (Some(ip), _) => ip.to_string(),
+                (None, true) => "None".into(),
+                (None, false) => "<pending>".into(),
+            };
+            let ports: Vec<String> = s
+                .ports
+                .iter()
+                .map(|p| format!("{}/{}", p.port, p.protocol))
+                .collect();
+            let ready = s.endpoints.iter().filter(|e| e.ready).count();
+            [
+                s.namespace.clone(),
+                s.name.clone(),
+                vip,
+                if ports.is_empty() {
+                    "<none>".into()
+                } else {
+                    ports.join(",")
+                },
+                format!("{ready}/{}", s.endpoints.len()),
+            ]
+        })
+        .collect();
+    print_table(["NAMESPACE", "NAME", "VIP", "PORT(S)", "READY"], &rows);
+    Ok(())
+}
+
+pub fn status(admin: SocketAddr, output: Output) -> Result<()> {
+    let status: Status = client::get_json(admin, "/api/v1/status")?;
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    println!("node:      {}", status.node_name);
+    println!("version:   {}", status.version);
+    println!("ready:     {}", status.ready);
+    let catalog = match (&status.catalog.last_error, status.catalog.synced) {
+        (Some(e), _) => format!("error: {e}"),
+        (None, true) => "synced".into(),
+        (None, false) => "never synced".into(),
+    };
+    println!("catalog:   {catalog}");
+    println!("services:  {}", status.services);
+    if let Some(d) = &status.datapath {
+        println!("datapath:  {} ({})", d.mode, d.why);
+        println!("frontends: {}", d.frontends);
+        for f in &d.features {
+            println!("  {:<12} {:<10} {}", f.feature, f.implementation, f.why);
+        }
+    }
+    Ok(())
+}
+
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: [&str; N]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("   ").trim_end());
+    };
+    line(header);
+    for row in rows {
+        line(row.each_ref().map(String::as_str));
+    }
+}

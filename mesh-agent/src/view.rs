@@ -1,0 +1,131 @@
+//! What the agent shows about itself: the read model the reconciler publishes and the admin API serves.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Catalog, ClusterIp, SourceState, TargetPort};
+use crate::datapath::DatapathStatus;
+use crate::ipam::Assignment;
+
+/// One service as `/api/v1/services` and `mesh-agent services` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceView {
+    pub name: String,
+    pub namespace: String,
+    /// The VIP, if it has one (headless services and those whose VIP could not be assigned have none).
+    pub vip: Option<IpAddr>,
+    pub headless: bool,
+    /// Why the service has no VIP, when it should have one.
+    pub vip_error: Option<String>,
+    pub session_affinity_seconds: Option<u64>,
+    pub ports: Vec<PortView>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PortView {
+    pub name: String,
+    pub port: u16,
+    pub protocol: String,
+    pub target_port: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointView {
+    pub ip: IpAddr,
+    /// The endpoint's port for each service port (by service port name), where it has one.
+    pub ports: Vec<u16>,
+    pub node: Option<String>,
+    pub hostname: Option<String>,
+    pub ready: bool,
+}
+
+impl ServiceView {
+    pub fn all(catalog: &Catalog, assignment: &Assignment) -> Vec<ServiceView> {
+        catalog
+            .services
+            .iter()
+            .map(|(id, svc)| ServiceView {
+                name: id.name.clone(),
+                namespace: id.namespace.clone(),
+                vip: assignment.vips.get(id).copied(),
+                headless: svc.cluster_ip == ClusterIp::Headless,
+                vip_error: assignment.errors.get(id).map(|e| e.to_string()),
+                session_affinity_seconds: svc.affinity.map(|d| d.as_secs()),
+                ports: svc
+                    .ports
+                    .iter()
+                    .map(|p| PortView {
+                        name: p.name.clone(),
+                        port: p.port,
+                        protocol: p.protocol.as_str().into(),
+                        target_port: match &p.target_port {
+                            TargetPort::Number(n) => n.to_string(),
+                            TargetPort::Name(n) => n.clone(),
+                        },
+                    })
+                    .collect(),
+                endpoints: svc
+                    .endpoint_sets
+                    .iter()
+                    .flat_map(|set| {
+                        let ports: Vec<u16> = set.ports.iter().map(|p| p.port).collect();
+                        set.endpoints.iter().map(move |e| EndpointView {
+                            ip: e.ip,
+                            ports: ports.clone(),
+                            node: e.node_name.clone(),
+                            hostname: e.hostname.clone(),
+                            ready: e.ready,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// The latest published state. Readers never block the reconciler.
+pub struct View {
+    services: ArcSwap<Vec<ServiceView>>,
+    datapath: ArcSwap<Option<DatapathStatus>>,
+    /// Set once the first catalog has been applied to the data path.
+    programmed: AtomicBool,
+    pub catalog_source: Arc<SourceState>,
+}
+
+impl View {
+    pub fn new(catalog_source: Arc<SourceState>) -> Self {
+        Self {
+            services: ArcSwap::from_pointee(Vec::new()),
+            datapath: ArcSwap::from_pointee(None),
+            programmed: AtomicBool::new(false),
+            catalog_source,
+        }
+    }
+
+    pub fn publish(&self, services: Vec<ServiceView>, datapath: DatapathStatus) {
+        self.services.store(Arc::new(services));
+        self.datapath.store(Arc::new(Some(datapath)));
+        self.programmed.store(true, Ordering::Release);
+    }
+
+    pub fn services(&self) -> Arc<Vec<ServiceView>> {
+        self.services.load_full()
+    }
+
+    pub fn datapath(&self) -> Option<DatapathStatus> {
+        (*self.datapath.load_full()).clone()
+    }
+
+    /// Ready: the catalog has been loaded and the data path programmed with it.
+    pub fn ready(&self) -> bool {
+        self.programmed.load(Ordering::Acquire) && self.catalog_source.synced()
+    }
+}

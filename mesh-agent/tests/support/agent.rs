@@ -1,0 +1,214 @@
+//! The agent under test: the real `mesh-agent` binary run inside a node namespace with its own state dir, config
+//! and catalog file. SIGTERM (then SIGKILL) on drop; its log is printed when the test failed.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use super::netns::Netns;
+use super::wait_for;
+
+pub const ADMIN: &str = "127.0.0.1:9099";
+
+pub struct Agent {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    ns_path: String,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// The parts of the config a test chooses; the rest is fixed by the harness.
+pub struct Options<'a> {
+    pub mode: &'a str,
+    pub strategy: &'a str,
+    /// Extra top-level config keys (YAML), e.g. `device: {vipPool: 10.250.0.0/30}`.
+    pub extra: &'a str,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            mode: "userspace",
+            strategy: "RoundRobin",
+            extra: "",
+        }
+    }
+}
+
+impl Agent {
+    /// Starts an agent in `ns` serving `catalog`, and waits until it is ready.
+    pub fn start(ns: &Netns, options: &Options, catalog: &str) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        std::fs::write(dir.join("catalog.yaml"), catalog).unwrap();
+        let mut agent = Self::start_in(ns, &dir, options);
+        agent._tmp = Some(tmp);
+        agent
+    }
+
+    /// Starts an agent on an existing directory (its state and catalog), as a restart does.
+    pub fn start_in(ns: &Netns, dir: &Path, options: &Options) -> Self {
+        let config = format!(
+            "nodeName: test-node\nstateDir: {dir}/state\ncatalog:\n  files: [{dir}/catalog.yaml]\n\
+             dataplane:\n  mode: {mode}\nloadBalancer:\n  strategy: {strategy}\n{extra}\n",
+            dir = dir.display(),
+            mode = options.mode,
+            strategy = options.strategy,
+            extra = options.extra,
+        );
+        std::fs::write(dir.join("config.yaml"), config).unwrap();
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let child = ns
+            .command(env!("CARGO_BIN_EXE_mesh-agent"))
+            .args(["run", "--config"])
+            .arg(dir.join("config.yaml"))
+            .env("RUST_LOG", "info,mesh_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning mesh-agent");
+        let agent = Self {
+            child: Some(child),
+            dir: dir.to_owned(),
+            ns_path: format!("/run/netns/{}", ns.name),
+            _tmp: None,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    pub fn wait_ready(&self) {
+        let ready = wait_for(Duration::from_secs(20), || {
+            (self.get("/readyz").ok()?.0 == 200).then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "agent not ready within 20 s; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// GET on the admin API from inside the node namespace: (status, body).
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let (ns_path, path) = (self.ns_path.clone(), path.to_owned());
+        std::thread::spawn(move || {
+            super::netns::enter(&ns_path);
+            let mut conn =
+                TcpStream::connect_timeout(&ADMIN.parse().unwrap(), Duration::from_secs(2))?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(conn, "GET {path} HTTP/1.0\r\n\r\n")?;
+            let mut response = String::new();
+            conn.read_to_string(&mut response)?;
+            let status = response
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            Ok((status, body))
+        })
+        .join()
+        .expect("admin client thread")
+    }
+
+    pub fn services(&self) -> serde_json::Value {
+        let (status, body) = self.get("/api/v1/services").expect("admin API");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("services JSON")
+    }
+
+    /// The VIP of `namespace/name`, once it has one.
+    pub fn vip(&self, namespace: &str, name: &str) -> IpAddr {
+        let found = wait_for(Duration::from_secs(5), || {
+            self.services().as_array()?.iter().find_map(|s| {
+                (s["namespace"] == namespace && s["name"] == name)
+                    .then(|| s["vip"].as_str()?.parse().ok())?
+            })
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "{namespace}/{name} has no VIP; services: {}",
+                self.services()
+            )
+        })
+    }
+
+    pub fn catalog_path(&self) -> PathBuf {
+        self.dir.join("catalog.yaml")
+    }
+
+    /// Replaces the catalog file atomically, as a careful operator (or a config manager) does.
+    pub fn write_catalog(&self, text: &str) {
+        let tmp = self.dir.join(".catalog.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, self.catalog_path()).unwrap();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_for(Duration::from_secs(10), || child.try_wait().ok().flatten());
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        status
+    }
+
+    /// SIGKILL: the agent gets no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- agent log ({}) ----\n{}",
+                self.dir.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// A catalog with one service `default/NAME` (clusterIP as given: an address, "" for a pool VIP, or "None"),
+/// TCP port 80 (`http`) and UDP port 53 (`dns`) on each backend `ip:port` (the same port for both protocols).
+pub fn catalog(name: &str, cluster_ip: &str, backends: &[SocketAddr]) -> String {
+    let cluster_ip = if cluster_ip.is_empty() {
+        String::new()
+    } else {
+        format!("\n  clusterIP: {cluster_ip}")
+    };
+    let mut out = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:{cluster_ip}\n  ports:\n  \
+         - {{name: http, port: 80, protocol: TCP}}\n  - {{name: dns, port: 53, protocol: UDP}}\n"
+    );
+    for (i, b) in backends.iter().enumerate() {
+        out.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{i}\n  namespace: default\n  \
+             labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n- {{name: http, port: {port}, protocol: TCP}}\n\
+             - {{name: dns, port: {port}, protocol: UDP}}\nendpoints:\n- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n  nodeName: test-node\n",
+            port = b.port(),
+            ip = b.ip(),
+        ));
+    }
+    out
+}

@@ -1,0 +1,298 @@
+//! The whole agent on the userspace data path, end to end: real sockets, a real agent process, network
+//! namespaces. Each test builds its own topology, so they run in parallel.
+
+mod support;
+
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use support::agent::{catalog, Agent, Options};
+use support::backend::{http_get, HttpBackend, UdpEcho};
+use support::netns::{Topology, BACKEND_IPS};
+use support::{require_root, wait_for};
+
+const VIP: &str = "10.250.0.10";
+
+fn backend_addr(i: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(BACKEND_IPS[i].parse().unwrap(), port)
+}
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddr::new(VIP.parse().unwrap(), port)
+}
+
+/// GETs `addr` `n` times from the node namespace, each over a new connection; returns the answering backends.
+fn get_many(t: &Topology, addr: SocketAddr, n: usize) -> Vec<String> {
+    t.node.run(move || {
+        (0..n)
+            .map(|_| http_get(addr).expect("GET through the VIP"))
+            .collect()
+    })
+}
+
+#[test]
+fn round_robin_alternates_exactly_over_two_backends() {
+    if !require_root("round_robin_alternates_exactly_over_two_backends") {
+        return;
+    }
+    let t = Topology::new();
+    let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
+    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let _bb = HttpBackend::start(&t.backends, "b", b);
+    let _agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a, b]));
+    let answers = get_many(&t, vip(80), 10);
+    assert!(
+        answers.windows(2).all(|w| w[0] != w[1]),
+        "not alternating: {answers:?}"
+    );
+    assert_eq!(
+        answers.iter().filter(|b| *b == "a").count(),
+        5,
+        "{answers:?}"
+    );
+}
+
+#[test]
+fn random_reaches_both_backends() {
+    if !require_root("random_reaches_both_backends") {
+        return;
+    }
+    let t = Topology::new();
+    let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
+    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let _bb = HttpBackend::start(&t.backends, "b", b);
+    let options = Options {
+        strategy: "Random",
+        ..Options::default()
+    };
+    let _agent = Agent::start(&t.node, &options, &catalog("web", VIP, &[a, b]));
+    let answers = get_many(&t, vip(80), 40);
+    assert!(
+        answers.contains(&"a".to_owned()) && answers.contains(&"b".to_owned()),
+        "{answers:?}"
+    );
+}
+
+#[test]
+fn curl_reaches_the_service() {
+    if !require_root("curl_reaches_the_service") {
+        return;
+    }
+    let t = Topology::new();
+    let a = backend_addr(0, 8080);
+    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let _agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a]));
+    let out = t
+        .node
+        .command("curl")
+        .args(["-sS", "--max-time", "5", &format!("http://{VIP}/")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a");
+}
+
+#[test]
+fn removed_endpoint_stops_receiving_within_a_second() {
+    if !require_root("removed_endpoint_stops_receiving_within_a_second") {
+        return;
+    }
+    let t = Topology::new();
+    let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
+    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let _bb = HttpBackend::start(&t.backends, "b", b);
+    let agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a, b]));
+    assert_eq!(get_many(&t, vip(80), 2).len(), 2);
+    agent.write_catalog(&catalog("web", VIP, &[a]));
+    let applied = wait_for(Duration::from_secs(1), || {
+        let eps = agent.services()[0]["endpoints"].as_array()?.len();
+        (eps == 1).then_some(())
+    });
+    assert!(applied.is_some(), "catalog edit not applied within 1 s");
+    let answers = get_many(&t, vip(80), 6);
+    assert!(
+        answers.iter().all(|b| b == "a"),
+        "removed backend still used: {answers:?}"
+    );
+}
+
+#[test]
+fn malformed_catalog_edit_keeps_the_old_service() {
+    if !require_root("malformed_catalog_edit_keeps_the_old_service") {
+        return;
+    }
+    let t = Topology::new();
+    let a = backend_addr(0, 8080);
+    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a]));
+    agent.write_catalog(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports: [{port: eighty}]\n",
+    );
+    let reported = wait_for(Duration::from_secs(3), || {
+        let (_, body) = agent.get("/api/v1/status").ok()?;
+        body.contains("catalog.yaml").then_some(body)
+    })
+    .expect("the bad edit is reported in the status");
+    assert!(
+        reported.contains("line 6"),
+        "error names the line: {reported}"
+    );
+    assert_eq!(get_many(&t, vip(80), 3), ["a", "a", "a"]);
+    assert!(
+        agent.log().contains("catalog.yaml"),
+        "error logged with the file"
+    );
+}
+
+#[test]
+fn restart_keeps_the_pool_vip() {
+    if !require_root("restart_keeps_the_pool_vip") {
+        return;
+    }
+    let t = Topology::new();
+    let a = backend_addr(0, 8080);
+    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let text = format!(
+        "{}---\n{}",
+        catalog("first", "", &[a]),
+        catalog("web", "", &[a])
+    );
+    let mut agent = Agent::start(&t.node, &Options::default(), &text);
+    let before = agent.vip("default", "web");
+    assert_ne!(before, agent.vip("default", "first"));
+    agent.stop().expect("clean exit on SIGTERM");
+    // With "first" gone, a fresh allocation would hand its address to "web"; the persisted one must win.
+    std::fs::write(agent.catalog_path(), catalog("web", "", &[a])).unwrap();
+    let dir = agent.dir.clone();
+    let restarted = Agent::start_in(&t.node, &dir, &Options::default());
+    assert_eq!(restarted.vip("default", "web"), before);
+    let addr = SocketAddr::new(before, 80);
+    assert_eq!(t.node.run(move || http_get(addr).unwrap()), "a");
+    drop(agent);
+}
+
+#[test]
+fn no_endpoint_is_refused_at_once() {
+    if !require_root("no_endpoint_is_refused_at_once") {
+        return;
+    }
+    let t = Topology::new();
+    let _agent = Agent::start(&t.node, &Options::default(), &catalog("empty", VIP, &[]));
+    let err = t.node.run(|| {
+        let conn = TcpStream::connect_timeout(&vip(80), Duration::from_secs(3));
+        match conn {
+            Err(e) => e.kind(),
+            // An accepted-then-reset connection fails on first use.
+            Ok(c) => http_get(c.peer_addr().unwrap()).unwrap_err().kind(),
+        }
+    });
+    assert!(
+        matches!(
+            err,
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+        ),
+        "want refused or reset, got {err:?}"
+    );
+}
+
+#[test]
+fn udp_is_proxied_and_replies_come_from_the_vip() {
+    if !require_root("udp_is_proxied_and_replies_come_from_the_vip") {
+        return;
+    }
+    let t = Topology::new();
+    let (a, b) = (backend_addr(0, 5353), backend_addr(1, 5353));
+    let _ea = UdpEcho::start(&t.backends, "a", a);
+    let _eb = UdpEcho::start(&t.backends, "b", b);
+    let _agent = Agent::start(&t.node, &Options::default(), &catalog("dns", VIP, &[a, b]));
+    let replies = t.node.run(|| {
+        let mut replies = Vec::new();
+        for i in 0..4 {
+            let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            sock.send_to(format!("ping{i}").as_bytes(), vip(53))
+                .unwrap();
+            let mut buf = [0u8; 256];
+            let (n, from) = sock.recv_from(&mut buf).expect("UDP reply through the VIP");
+            replies.push((String::from_utf8_lossy(&buf[..n]).into_owned(), from));
+        }
+        replies
+    });
+    for (i, (body, from)) in replies.iter().enumerate() {
+        assert_eq!(*from, vip(53), "reply must come from the VIP");
+        assert!(body.ends_with(&format!(":ping{i}")), "{body}");
+    }
+    let names: Vec<_> = replies
+        .iter()
+        .map(|(b, _)| b.split(':').next().unwrap().to_owned())
+        .collect();
+    assert!(
+        names.contains(&"a".into()) && names.contains(&"b".into()),
+        "flows spread over backends: {names:?}"
+    );
+}
+
+#[test]
+fn thousand_concurrent_connections_complete() {
+    if !require_root("thousand_concurrent_connections_complete") {
+        return;
+    }
+    let t = Topology::new();
+    let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
+    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let _bb = HttpBackend::start(&t.backends, "b", b);
+    let _agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a, b]));
+    let ok = t.node.run(|| {
+        // Open all 1,000 first so they are concurrent, then use each.
+        let conns: Vec<TcpStream> = (0..1000)
+            .map(|_| TcpStream::connect_timeout(&vip(80), Duration::from_secs(5)).expect("connect"))
+            .collect();
+        let mut ok = 0;
+        for mut c in conns {
+            use std::io::{Read, Write};
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            let mut buf = [0u8; 256];
+            let n = c.read(&mut buf).unwrap();
+            if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200") {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    assert_eq!(ok, 1000);
+}
+
+#[test]
+fn edge0_holds_the_vips_and_goes_on_exit() {
+    if !require_root("edge0_holds_the_vips_and_goes_on_exit") {
+        return;
+    }
+    let t = Topology::new();
+    let a = backend_addr(0, 8080);
+    let mut agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a]));
+    let addrs = t
+        .node
+        .command("ip")
+        .args(["-o", "addr", "show", "dev", "edge0"])
+        .output()
+        .unwrap();
+    let addrs = String::from_utf8_lossy(&addrs.stdout);
+    assert!(addrs.contains(&format!("{VIP}/32")), "{addrs}");
+    assert!(
+        addrs.contains("169.254.96.16/32"),
+        "DNS address on edge0: {addrs}"
+    );
+    agent.stop().expect("clean exit");
+    let gone = t
+        .node
+        .command("ip")
+        .args(["link", "show", "edge0"])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "edge0 removed on exit");
+}
