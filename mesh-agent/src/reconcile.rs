@@ -1,6 +1,6 @@
 //! The one loop: catalog snapshots in, diffs out to IPAM, edge0, the data path, and the view the admin API shows.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,12 +8,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::catalog::{Catalog, ClusterIp};
+use crate::catalog::{Catalog, ClusterIp, ServiceId};
 use crate::datapath::{self, Datapath, Frontend, FrontendSpec, Frontends};
 use crate::device::Device;
 use crate::ipam::{Assignment, Ipam};
 use crate::lb::{Policy, Strategy};
 use crate::view::{ServiceView, View};
+
+/// A catalog with the VIPs assigned to its services: what DNS answers from.
+#[derive(Debug, Default)]
+pub struct Resolved {
+    pub catalog: Arc<Catalog>,
+    pub vips: BTreeMap<ServiceId, IpAddr>,
+}
 
 /// How often the reconciler checks that edge0 still exists.
 const DEVICE_CHECK: Duration = Duration::from_secs(1);
@@ -26,6 +33,7 @@ pub struct Reconciler {
     pub extra_addresses: BTreeSet<IpAddr>,
     pub strategy: Strategy,
     pub view: Arc<View>,
+    resolved: watch::Sender<Arc<Resolved>>,
     frontends: Frontends,
 }
 
@@ -38,15 +46,7 @@ impl Reconciler {
         strategy: Strategy,
         view: Arc<View>,
     ) -> Self {
-        Self {
-            ipam,
-            device,
-            datapath,
-            extra_addresses,
-            strategy,
-            view,
-            frontends: Frontends::new(),
-        }
+        Self { ipam, device, datapath, extra_addresses, strategy, view, frontends: Frontends::new() }
     }
 
     /// Applies every new catalog until `catalogs` closes or `shutdown` fires; returns the reconciler so the caller
@@ -76,7 +76,7 @@ impl Reconciler {
     }
 
     /// Brings every consumer to `catalog`. Failures of one part are logged and do not stop the others.
-    pub async fn apply(&mut self, catalog: &Catalog) {
+    pub async fn apply(&mut self, catalog: &Arc<Catalog>) {
         let started = Instant::now();
         let assignment = match self.ipam.assign(catalog) {
             Ok(a) => a,
@@ -90,16 +90,8 @@ impl Reconciler {
         }
         let frontends = frontends(catalog, &assignment, self.strategy);
         let changes = datapath::diff(&self.frontends, &frontends);
-        let removals: Vec<_> = changes
-            .iter()
-            .filter(|c| matches!(c, datapath::Change::Remove(_)))
-            .cloned()
-            .collect();
-        let upserts: Vec<_> = changes
-            .iter()
-            .filter(|c| matches!(c, datapath::Change::Upsert(..)))
-            .cloned()
-            .collect();
+        let removals: Vec<_> = changes.iter().filter(|c| matches!(c, datapath::Change::Remove(_))).cloned().collect();
+        let upserts: Vec<_> = changes.iter().filter(|c| matches!(c, datapath::Change::Upsert(..))).cloned().collect();
 
         // Remove frontends before their addresses go, and add addresses before new frontends use them.
         if let Err(e) = self.datapath.apply(&removals) {
@@ -114,10 +106,8 @@ impl Reconciler {
             error!("data path: {e:#}");
         }
         self.frontends = frontends;
-        self.view.publish(
-            ServiceView::all(catalog, &assignment),
-            self.datapath.status(),
-        );
+        self.view.publish(ServiceView::all(catalog, &assignment), self.datapath.status());
+        self.resolved.send_replace(Arc::new(Resolved { catalog: Arc::clone(catalog), vips: assignment.vips }));
         if !changes.is_empty() {
             info!(changes = changes.len(), frontends = self.frontends.len(), took = ?started.elapsed(), "catalog applied");
         } else {
@@ -126,13 +116,10 @@ impl Reconciler {
     }
 
     /// Recreates edge0 if it was deleted behind the agent's back, then re-adds its addresses.
-    async fn check_device(&mut self, catalog: &Catalog) {
+    async fn check_device(&mut self, catalog: &Arc<Catalog>) {
         match self.device.exists().await {
             Ok(true) => return,
-            Ok(false) => warn!(
-                device = self.device.name(),
-                "device disappeared, recreating it"
-            ),
+            Ok(false) => warn!(device = self.device.name(), "device disappeared, recreating it"),
             Err(e) => {
                 warn!("{e:#}");
                 return;
@@ -158,29 +145,12 @@ pub fn frontends(catalog: &Catalog, assignment: &Assignment, strategy: Strategy)
         let Some(vip) = assignment.vips.get(id) else {
             continue;
         };
-        let policy = Policy {
-            strategy,
-            affinity: svc.affinity,
-        };
+        let policy = Policy { strategy, affinity: svc.affinity };
         for port in &svc.ports {
-            let backends: Arc<[SocketAddr]> = svc
-                .backends(port)
-                .into_iter()
-                .map(|b| SocketAddr::new(b.ip, b.port))
-                .collect();
-            let frontend = Frontend {
-                vip: *vip,
-                port: port.port,
-                protocol: port.protocol,
-            };
-            out.insert(
-                frontend,
-                FrontendSpec {
-                    service: id.clone(),
-                    policy,
-                    backends,
-                },
-            );
+            let backends: Arc<[SocketAddr]> =
+                svc.backends(port).into_iter().map(|b| SocketAddr::new(b.ip, b.port)).collect();
+            let frontend = Frontend { vip: *vip, port: port.port, protocol: port.protocol };
+            out.insert(frontend, FrontendSpec { service: id.clone(), policy, backends });
         }
     }
     out
