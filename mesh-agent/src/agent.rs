@@ -39,26 +39,11 @@ pub async fn run(config: Config) -> Result<()> {
     .await?;
 
     let device = Device::create(&config.device.name).await?;
-    let dns_address: BTreeSet<_> = config
-        .dns
-        .enable
-        .then_some(config.dns.listen.ip())
-        .into_iter()
-        .collect();
-    let ipam = Ipam::load(
-        config.device.vip_pool,
-        dns_address.iter().copied().collect(),
-        &config.state_dir,
-    );
+    let dns_address: BTreeSet<_> = config.dns.enable.then_some(config.dns.listen.ip()).into_iter().collect();
+    let ipam = Ipam::load(config.device.vip_pool, dns_address.iter().copied().collect(), &config.state_dir);
     let datapath = datapath::start(&config).context("starting the data path")?;
-    let reconciler = Reconciler::new(
-        ipam,
-        device,
-        datapath,
-        dns_address,
-        config.load_balancer.strategy,
-        Arc::clone(&view),
-    );
+    let reconciler =
+        Reconciler::new(ipam, device, datapath, dns_address, config.load_balancer.strategy, Arc::clone(&view));
     let reconciling = tokio::spawn(reconciler.run(catalogs, shutdown_rx));
 
     wait_for_signal().await?;

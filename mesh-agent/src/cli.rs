@@ -6,11 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "mesh-agent",
-    version,
-    about = "Edge service mesh data plane: service VIPs, DNS and load balancing"
-)]
+#[command(name = "mesh-agent", version, about = "Edge service mesh data plane: service VIPs, DNS and load balancing")]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]

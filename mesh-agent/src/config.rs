@@ -56,10 +56,7 @@ pub struct DeviceConfig {
 
 impl Default for DeviceConfig {
     fn default() -> Self {
-        Self {
-            name: "edge0".into(),
-            vip_pool: "10.250.0.0/16".parse().expect("valid default pool"),
-        }
+        Self { name: "edge0".into(), vip_pool: "10.250.0.0/16".parse().expect("valid default pool") }
     }
 }
 
@@ -130,9 +127,7 @@ pub struct LoadBalancerConfig {
 
 impl Default for LoadBalancerConfig {
     fn default() -> Self {
-        Self {
-            strategy: Strategy::RoundRobin,
-        }
+        Self { strategy: Strategy::RoundRobin }
     }
 }
 
@@ -192,9 +187,7 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:9099".parse().expect("valid default"),
-        }
+        Self { listen: "127.0.0.1:9099".parse().expect("valid default") }
     }
 }
 
@@ -212,8 +205,7 @@ fn default_node_name() -> String {
 impl Config {
     /// Reads and validates `path`; errors name the file, the field path and the reason.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
         Self::parse(&text).with_context(|| format!("{}", path.display()))
     }
 
@@ -231,10 +223,7 @@ impl Config {
             serde_path_to_error::deserialize(de).map_err(|e| {
                 let path = e.path().to_string();
                 let inner = e.into_inner();
-                let at = inner
-                    .location()
-                    .map(|l| format!(" (line {})", l.line()))
-                    .unwrap_or_default();
+                let at = inner.location().map(|l| format!(" (line {})", l.line())).unwrap_or_default();
                 anyhow::anyhow!("field `{path}`{at}: {}", strip_location(&inner.to_string()))
             })?
         };
@@ -247,39 +236,28 @@ impl Config {
             bail!("field `nodeName`: must not be empty");
         }
         if self.device.name.is_empty() || self.device.name.len() > 15 {
-            bail!(
-                "field `device.name`: {:?} is not a valid interface name (1-15 bytes)",
-                self.device.name
-            );
+            bail!("field `device.name`: {:?} is not a valid interface name (1-15 bytes)", self.device.name);
         }
         let pool = self.device.vip_pool;
         if pool.prefix_len() == pool.max_prefix_len() {
             bail!("field `device.vipPool`: {pool} holds a single address; give a range");
         }
         if !is_private(pool.network()) {
-            bail!("field `device.vipPool`: {pool} is not private address space (10/8, 172.16/12, 192.168/16, fc00::/7)");
-        }
-        if self.dns.domain.is_empty()
-            || self.dns.domain.starts_with('.')
-            || self.dns.domain.contains("..")
-        {
             bail!(
-                "field `dns.domain`: {:?} is not a valid domain",
-                self.dns.domain
+                "field `device.vipPool`: {pool} is not private address space (10/8, 172.16/12, 192.168/16, fc00::/7)"
             );
+        }
+        if self.dns.domain.is_empty() || self.dns.domain.starts_with('.') || self.dns.domain.contains("..") {
+            bail!("field `dns.domain`: {:?} is not a valid domain", self.dns.domain);
         }
         for (i, upstream) in self.dns.upstreams.iter().enumerate() {
             parse_upstream(upstream).with_context(|| format!("field `dns.upstreams[{i}]`"))?;
         }
         if self.tunnel.enable {
-            bail!(
-                "field `tunnel.enable`: the node-to-node tunnel is not available in this release"
-            );
+            bail!("field `tunnel.enable`: the node-to-node tunnel is not available in this release");
         }
         if !self.gateway.interfaces.is_empty() {
-            bail!(
-                "field `gateway.interfaces`: the XDP/TC gateway is not available in this release"
-            );
+            bail!("field `gateway.interfaces`: the XDP/TC gateway is not available in this release");
         }
         Ok(())
     }

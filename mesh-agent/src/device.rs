@@ -30,8 +30,7 @@ impl Device {
     /// Creates the device, replacing an existing one of the same name (as EdgeMesh did: a leftover from a crashed
     /// agent holds stale VIPs), and brings it up. Retries with exponential backoff.
     pub async fn create(name: &str) -> Result<Self> {
-        let (connection, netlink, _) =
-            rtnetlink::new_connection().context("opening a netlink socket")?;
+        let (connection, netlink, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
         tokio::spawn(connection);
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
@@ -39,19 +38,12 @@ impl Device {
             match Self::try_create(name, &netlink).await {
                 Ok(device) => return Ok(device),
                 Err(e) if attempt < CREATE_ATTEMPTS => {
-                    warn!(
-                        device = name,
-                        attempt, "cannot create the device, retrying in {backoff:?}: {e:#}"
-                    );
+                    warn!(device = name, attempt, "cannot create the device, retrying in {backoff:?}: {e:#}");
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                     attempt += 1;
                 }
-                Err(e) => {
-                    return Err(
-                        e.context(format!("device {name}: giving up after {attempt} attempts"))
-                    )
-                }
+                Err(e) => return Err(e.context(format!("device {name}: giving up after {attempt} attempts"))),
             }
         }
     }
@@ -59,19 +51,12 @@ impl Device {
     async fn try_create(name: &str, netlink: &Handle) -> Result<Self> {
         if let Some(index) = link_index(netlink, name).await? {
             info!(device = name, "deleting the existing device");
-            netlink
-                .link()
-                .del(index)
-                .execute()
-                .await
-                .context("deleting the existing device")?;
+            netlink.link().del(index).execute().await.context("deleting the existing device")?;
         }
         let mut config = tun::Configuration::default();
         config.tun_name(name);
         let tun = tun::create(&config).map_err(|e| anyhow!("creating TUN device {name}: {e}"))?;
-        let index = link_index(netlink, name)
-            .await?
-            .ok_or_else(|| anyhow!("device {name} vanished after creation"))?;
+        let index = link_index(netlink, name).await?.ok_or_else(|| anyhow!("device {name} vanished after creation"))?;
         netlink
             .link()
             .set(LinkUnspec::new_with_index(index).up().build())
@@ -79,13 +64,7 @@ impl Device {
             .await
             .with_context(|| format!("bringing {name} up"))?;
         info!(device = name, index, "device created");
-        Ok(Self {
-            name: name.into(),
-            index,
-            netlink: netlink.clone(),
-            _tun: tun,
-            addresses: BTreeSet::new(),
-        })
+        Ok(Self { name: name.into(), index, netlink: netlink.clone(), _tun: tun, addresses: BTreeSet::new() })
     }
 
     pub fn name(&self) -> &str {
@@ -98,14 +77,7 @@ impl Device {
         let mut errors = Vec::new();
         for ip in want.difference(&self.addresses.clone()) {
             let prefix = if ip.is_ipv4() { 32 } else { 128 };
-            match self
-                .netlink
-                .address()
-                .add(self.index, *ip, prefix)
-                .replace()
-                .execute()
-                .await
-            {
+            match self.netlink.address().add(self.index, *ip, prefix).replace().execute().await {
                 Ok(()) => {
                     self.addresses.insert(*ip);
                 }
@@ -114,14 +86,8 @@ impl Device {
         }
         let stale: Vec<IpAddr> = self.addresses.difference(want).copied().collect();
         if !stale.is_empty() {
-            let messages: Vec<AddressMessage> = self
-                .netlink
-                .address()
-                .get()
-                .set_link_index_filter(self.index)
-                .execute()
-                .try_collect()
-                .await?;
+            let messages: Vec<AddressMessage> =
+                self.netlink.address().get().set_link_index_filter(self.index).execute().try_collect().await?;
             for msg in messages {
                 let Some(ip) = address_of(&msg) else { continue };
                 if stale.contains(&ip) {

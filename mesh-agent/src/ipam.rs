@@ -66,21 +66,9 @@ impl Ipam {
                 warn!(file = %path.display(), service = %key, %ip, %pool, "dropping allocation outside the pool");
                 continue;
             }
-            allocations.insert(
-                ServiceId {
-                    namespace: namespace.into(),
-                    name: name.into(),
-                },
-                ip,
-            );
+            allocations.insert(ServiceId { namespace: namespace.into(), name: name.into() }, ip);
         }
-        Self {
-            pool,
-            reserved,
-            path,
-            allocations,
-            cursor: 0,
-        }
+        Self { pool, reserved, path, allocations, cursor: 0 }
     }
 
     /// Assigns a VIP to every non-headless service of `catalog`, releases those of services that went, and
@@ -97,13 +85,7 @@ impl Ipam {
                 if self.reserved.contains(&ip) {
                     out.errors.insert(id.clone(), VipError::Reserved { ip });
                 } else if let Some(holder) = taken.get(&ip) {
-                    out.errors.insert(
-                        id.clone(),
-                        VipError::Duplicate {
-                            ip,
-                            holder: holder.clone(),
-                        },
-                    );
+                    out.errors.insert(id.clone(), VipError::Duplicate { ip, holder: holder.clone() });
                 } else {
                     taken.insert(ip, id.clone());
                     out.vips.insert(id.clone(), ip);
@@ -111,14 +93,9 @@ impl Ipam {
             }
         }
         let before = self.allocations.clone();
-        let auto: Vec<&ServiceId> = catalog
-            .services
-            .iter()
-            .filter(|(_, s)| s.cluster_ip == ClusterIp::Auto)
-            .map(|(id, _)| id)
-            .collect();
-        self.allocations
-            .retain(|id, ip| auto.contains(&id) && !taken.contains_key(ip));
+        let auto: Vec<&ServiceId> =
+            catalog.services.iter().filter(|(_, s)| s.cluster_ip == ClusterIp::Auto).map(|(id, _)| id).collect();
+        self.allocations.retain(|id, ip| auto.contains(&id) && !taken.contains_key(ip));
         for (id, ip) in &self.allocations {
             taken.insert(*ip, id.clone());
             out.vips.insert(id.clone(), *ip);
@@ -134,8 +111,7 @@ impl Ipam {
                     out.vips.insert(id.clone(), ip);
                 }
                 None => {
-                    out.errors
-                        .insert(id.clone(), VipError::Exhausted { pool: self.pool });
+                    out.errors.insert(id.clone(), VipError::Exhausted { pool: self.pool });
                 }
             }
         }
@@ -165,11 +141,7 @@ impl Ipam {
     fn persist(&self) -> Result<()> {
         let state = StateFile {
             pool: Some(self.pool),
-            allocations: self
-                .allocations
-                .iter()
-                .map(|(id, ip)| (id.to_string(), *ip))
-                .collect(),
+            allocations: self.allocations.iter().map(|(id, ip)| (id.to_string(), *ip)).collect(),
         };
         state_file::write_json(&self.path, &state).context("persisting VIP allocations")
     }
@@ -197,29 +169,17 @@ mod tests {
     fn catalog(services: &[(&str, ClusterIp)]) -> Catalog {
         let mut c = Catalog::default();
         for (name, cluster_ip) in services {
-            let id = ServiceId {
-                namespace: "default".into(),
-                name: (*name).into(),
-            };
+            let id = ServiceId { namespace: "default".into(), name: (*name).into() };
             c.services.insert(
                 id.clone(),
-                Service {
-                    id,
-                    cluster_ip: *cluster_ip,
-                    ports: vec![],
-                    affinity: None,
-                    endpoint_sets: vec![],
-                },
+                Service { id, cluster_ip: *cluster_ip, ports: vec![], affinity: None, endpoint_sets: vec![] },
             );
         }
         c
     }
 
     fn id(name: &str) -> ServiceId {
-        ServiceId {
-            namespace: "default".into(),
-            name: name.into(),
-        }
+        ServiceId { namespace: "default".into(), name: name.into() }
     }
 
     fn pool(s: &str) -> IpNet {
@@ -230,18 +190,10 @@ mod tests {
     fn allocations_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let c = catalog(&[("a", ClusterIp::Auto), ("b", ClusterIp::Auto)]);
-        let first = Ipam::load(pool("10.250.0.0/24"), vec![], dir.path())
-            .assign(&c)
-            .unwrap();
+        let first = Ipam::load(pool("10.250.0.0/24"), vec![], dir.path()).assign(&c).unwrap();
         // A new service sorted before the others must not shift their VIPs.
-        let c2 = catalog(&[
-            ("0", ClusterIp::Auto),
-            ("a", ClusterIp::Auto),
-            ("b", ClusterIp::Auto),
-        ]);
-        let second = Ipam::load(pool("10.250.0.0/24"), vec![], dir.path())
-            .assign(&c2)
-            .unwrap();
+        let c2 = catalog(&[("0", ClusterIp::Auto), ("a", ClusterIp::Auto), ("b", ClusterIp::Auto)]);
+        let second = Ipam::load(pool("10.250.0.0/24"), vec![], dir.path()).assign(&c2).unwrap();
         assert_eq!(first.vips[&id("a")], second.vips[&id("a")]);
         assert_eq!(first.vips[&id("b")], second.vips[&id("b")]);
         assert_eq!(second.vips.len(), 3);
@@ -251,24 +203,11 @@ mod tests {
     fn released_when_the_service_goes() {
         let dir = tempfile::tempdir().unwrap();
         let mut ipam = Ipam::load(pool("10.250.0.0/30"), vec![], dir.path());
-        let a = ipam
-            .assign(&catalog(&[("a", ClusterIp::Auto), ("b", ClusterIp::Auto)]))
-            .unwrap();
+        let a = ipam.assign(&catalog(&[("a", ClusterIp::Auto), ("b", ClusterIp::Auto)])).unwrap();
         assert_eq!(a.vips.len(), 2);
-        let full = ipam.assign(&catalog(&[
-            ("a", ClusterIp::Auto),
-            ("b", ClusterIp::Auto),
-            ("c", ClusterIp::Auto),
-        ]));
-        assert_eq!(
-            full.unwrap().errors[&id("c")],
-            VipError::Exhausted {
-                pool: pool("10.250.0.0/30")
-            }
-        );
-        let freed = ipam
-            .assign(&catalog(&[("b", ClusterIp::Auto), ("c", ClusterIp::Auto)]))
-            .unwrap();
+        let full = ipam.assign(&catalog(&[("a", ClusterIp::Auto), ("b", ClusterIp::Auto), ("c", ClusterIp::Auto)]));
+        assert_eq!(full.unwrap().errors[&id("c")], VipError::Exhausted { pool: pool("10.250.0.0/30") });
+        let freed = ipam.assign(&catalog(&[("b", ClusterIp::Auto), ("c", ClusterIp::Auto)])).unwrap();
         assert_eq!(freed.vips.len(), 2);
         assert_eq!(freed.vips[&id("c")], a.vips[&id("a")]);
     }
@@ -277,10 +216,7 @@ mod tests {
     fn fixed_cluster_ips_win_and_duplicates_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let mut ipam = Ipam::load(pool("10.250.0.0/24"), vec![], dir.path());
-        let a = ipam
-            .assign(&catalog(&[("a", ClusterIp::Auto)]))
-            .unwrap()
-            .vips[&id("a")];
+        let a = ipam.assign(&catalog(&[("a", ClusterIp::Auto)])).unwrap().vips[&id("a")];
         let out = ipam
             .assign(&catalog(&[
                 ("a", ClusterIp::Auto),
@@ -291,18 +227,8 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!(out.vips[&id("b")], a);
-        assert_ne!(
-            out.vips[&id("a")],
-            a,
-            "the pool service moved off the fixed address"
-        );
-        assert_eq!(
-            out.errors[&id("c")],
-            VipError::Duplicate {
-                ip: a,
-                holder: id("b")
-            }
-        );
+        assert_ne!(out.vips[&id("a")], a, "the pool service moved off the fixed address");
+        assert_eq!(out.errors[&id("c")], VipError::Duplicate { ip: a, holder: id("b") });
         assert_eq!(out.vips[&id("d")], "192.168.7.7".parse::<IpAddr>().unwrap());
         assert!(!out.vips.contains_key(&id("h")));
     }
@@ -312,12 +238,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reserved: IpAddr = "10.250.0.1".parse().unwrap();
         let mut ipam = Ipam::load(pool("10.250.0.0/24"), vec![reserved], dir.path());
-        let out = ipam
-            .assign(&catalog(&[
-                ("a", ClusterIp::Auto),
-                ("r", ClusterIp::Fixed(reserved)),
-            ]))
-            .unwrap();
+        let out = ipam.assign(&catalog(&[("a", ClusterIp::Auto), ("r", ClusterIp::Fixed(reserved))])).unwrap();
         assert_eq!(out.vips[&id("a")], "10.250.0.2".parse::<IpAddr>().unwrap());
         assert_eq!(out.errors[&id("r")], VipError::Reserved { ip: reserved });
     }
@@ -327,15 +248,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(STATE_FILE), "{not json").unwrap();
         let mut ipam = Ipam::load(pool("10.250.0.0/24"), vec![], dir.path());
-        assert_eq!(
-            ipam.assign(&catalog(&[("a", ClusterIp::Auto)]))
-                .unwrap()
-                .vips
-                .len(),
-            1
-        );
-        let aside =
-            std::fs::read_to_string(dir.path().join(format!("{STATE_FILE}.corrupt"))).unwrap();
+        assert_eq!(ipam.assign(&catalog(&[("a", ClusterIp::Auto)])).unwrap().vips.len(), 1);
+        let aside = std::fs::read_to_string(dir.path().join(format!("{STATE_FILE}.corrupt"))).unwrap();
         assert_eq!(aside, "{not json");
     }
 }

@@ -32,28 +32,10 @@ impl Default for Metrics {
         let catalog_synced = Gauge::default();
         let datapath_mode = Family::<ModeLabels, Gauge>::default();
         registry.register("services", "Services in the catalog", services.clone());
-        registry.register(
-            "frontends",
-            "Programmed VIP:port frontends",
-            frontends.clone(),
-        );
-        registry.register(
-            "catalog_synced",
-            "1 once the catalog has been loaded",
-            catalog_synced.clone(),
-        );
-        registry.register(
-            "datapath_mode",
-            "The data path in use (1 for the active mode)",
-            datapath_mode.clone(),
-        );
-        Self {
-            registry: Mutex::new(registry),
-            services,
-            frontends,
-            catalog_synced,
-            datapath_mode,
-        }
+        registry.register("frontends", "Programmed VIP:port frontends", frontends.clone());
+        registry.register("catalog_synced", "1 once the catalog has been loaded", catalog_synced.clone());
+        registry.register("datapath_mode", "The data path in use (1 for the active mode)", datapath_mode.clone());
+        Self { registry: Mutex::new(registry), services, frontends, catalog_synced, datapath_mode }
     }
 }
 
@@ -64,9 +46,7 @@ impl Metrics {
         if let Some(d) = view.datapath() {
             self.frontends.set(d.frontends as i64);
             self.datapath_mode.clear();
-            self.datapath_mode
-                .get_or_create(&ModeLabels { mode: d.mode })
-                .set(1);
+            self.datapath_mode.get_or_create(&ModeLabels { mode: d.mode }).set(1);
         }
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = String::new();

@@ -22,21 +22,13 @@ pub fn services(admin: SocketAddr, output: Output) -> Result<()> {
                 (None, true) => "None".into(),
                 (None, false) => "<pending>".into(),
             };
-            let ports: Vec<String> = s
-                .ports
-                .iter()
-                .map(|p| format!("{}/{}", p.port, p.protocol))
-                .collect();
+            let ports: Vec<String> = s.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect();
             let ready = s.endpoints.iter().filter(|e| e.ready).count();
             [
                 s.namespace.clone(),
                 s.name.clone(),
                 vip,
-                if ports.is_empty() {
-                    "<none>".into()
-                } else {
-                    ports.join(",")
-                },
+                if ports.is_empty() { "<none>".into() } else { ports.join(",") },
                 format!("{ready}/{}", s.endpoints.len()),
             ]
         })
@@ -79,11 +71,7 @@ fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
         }
     }
     let line = |cells: [&str; N]| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let padded: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", padded.join("   ").trim_end());
     };
     line(header);

@@ -3,26 +3,15 @@
 use std::process::Command;
 
 fn mesh_agent(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
-        .args(args)
-        .output()
-        .expect("running mesh-agent");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent")).args(args).output().expect("running mesh-agent");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 #[test]
 fn check_config_accepts_the_example_and_names_bad_fields() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.yaml");
-    std::fs::write(
-        &good,
-        "nodeName: edge-1\ndevice:\n  vipPool: 10.251.0.0/16\n",
-    )
-    .unwrap();
+    std::fs::write(&good, "nodeName: edge-1\ndevice:\n  vipPool: 10.251.0.0/16\n").unwrap();
     let (ok, stdout, _) = mesh_agent(&["check-config", "--config", good.to_str().unwrap()]);
     assert!(ok);
     assert!(stdout.contains("ok"));
@@ -37,10 +26,7 @@ fn check_config_accepts_the_example_and_names_bad_fields() {
         std::fs::write(&bad, text).unwrap();
         let (ok, _, stderr) = mesh_agent(&["check-config", "--config", bad.to_str().unwrap()]);
         assert!(!ok, "{text} accepted");
-        assert!(
-            stderr.contains("bad.yaml") && stderr.contains(field),
-            "{text}: {stderr}"
-        );
+        assert!(stderr.contains("bad.yaml") && stderr.contains(field), "{text}: {stderr}");
     }
 }
 

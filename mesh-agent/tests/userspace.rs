@@ -23,11 +23,7 @@ fn vip(port: u16) -> SocketAddr {
 
 /// GETs `addr` `n` times from the node namespace, each over a new connection; returns the answering backends.
 fn get_many(t: &Topology, addr: SocketAddr, n: usize) -> Vec<String> {
-    t.node.run(move || {
-        (0..n)
-            .map(|_| http_get(addr).expect("GET through the VIP"))
-            .collect()
-    })
+    t.node.run(move || (0..n).map(|_| http_get(addr).expect("GET through the VIP")).collect())
 }
 
 #[test]
@@ -41,15 +37,8 @@ fn round_robin_alternates_exactly_over_two_backends() {
     let _bb = HttpBackend::start(&t.backends, "b", b);
     let _agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a, b]));
     let answers = get_many(&t, vip(80), 10);
-    assert!(
-        answers.windows(2).all(|w| w[0] != w[1]),
-        "not alternating: {answers:?}"
-    );
-    assert_eq!(
-        answers.iter().filter(|b| *b == "a").count(),
-        5,
-        "{answers:?}"
-    );
+    assert!(answers.windows(2).all(|w| w[0] != w[1]), "not alternating: {answers:?}");
+    assert_eq!(answers.iter().filter(|b| *b == "a").count(), 5, "{answers:?}");
 }
 
 #[test]
@@ -61,16 +50,10 @@ fn random_reaches_both_backends() {
     let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
     let _ba = HttpBackend::start(&t.backends, "a", a);
     let _bb = HttpBackend::start(&t.backends, "b", b);
-    let options = Options {
-        strategy: "Random",
-        ..Options::default()
-    };
+    let options = Options { strategy: "Random", ..Options::default() };
     let _agent = Agent::start(&t.node, &options, &catalog("web", VIP, &[a, b]));
     let answers = get_many(&t, vip(80), 40);
-    assert!(
-        answers.contains(&"a".to_owned()) && answers.contains(&"b".to_owned()),
-        "{answers:?}"
-    );
+    assert!(answers.contains(&"a".to_owned()) && answers.contains(&"b".to_owned()), "{answers:?}");
 }
 
 #[test]
@@ -82,17 +65,8 @@ fn curl_reaches_the_service() {
     let a = backend_addr(0, 8080);
     let _ba = HttpBackend::start(&t.backends, "a", a);
     let _agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a]));
-    let out = t
-        .node
-        .command("curl")
-        .args(["-sS", "--max-time", "5", &format!("http://{VIP}/")])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = t.node.command("curl").args(["-sS", "--max-time", "5", &format!("http://{VIP}/")]).output().unwrap();
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "a");
 }
 
@@ -114,10 +88,7 @@ fn removed_endpoint_stops_receiving_within_a_second() {
     });
     assert!(applied.is_some(), "catalog edit not applied within 1 s");
     let answers = get_many(&t, vip(80), 6);
-    assert!(
-        answers.iter().all(|b| b == "a"),
-        "removed backend still used: {answers:?}"
-    );
+    assert!(answers.iter().all(|b| b == "a"), "removed backend still used: {answers:?}");
 }
 
 #[test]
@@ -129,23 +100,15 @@ fn malformed_catalog_edit_keeps_the_old_service() {
     let a = backend_addr(0, 8080);
     let _ba = HttpBackend::start(&t.backends, "a", a);
     let agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a]));
-    agent.write_catalog(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports: [{port: eighty}]\n",
-    );
+    agent.write_catalog("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports: [{port: eighty}]\n");
     let reported = wait_for(Duration::from_secs(3), || {
         let (_, body) = agent.get("/api/v1/status").ok()?;
         body.contains("catalog.yaml").then_some(body)
     })
     .expect("the bad edit is reported in the status");
-    assert!(
-        reported.contains("line 6"),
-        "error names the line: {reported}"
-    );
+    assert!(reported.contains("line 6"), "error names the line: {reported}");
     assert_eq!(get_many(&t, vip(80), 3), ["a", "a", "a"]);
-    assert!(
-        agent.log().contains("catalog.yaml"),
-        "error logged with the file"
-    );
+    assert!(agent.log().contains("catalog.yaml"), "error logged with the file");
 }
 
 #[test]
@@ -156,11 +119,7 @@ fn restart_keeps_the_pool_vip() {
     let t = Topology::new();
     let a = backend_addr(0, 8080);
     let _ba = HttpBackend::start(&t.backends, "a", a);
-    let text = format!(
-        "{}---\n{}",
-        catalog("first", "", &[a]),
-        catalog("web", "", &[a])
-    );
+    let text = format!("{}---\n{}", catalog("first", "", &[a]), catalog("web", "", &[a]));
     let mut agent = Agent::start(&t.node, &Options::default(), &text);
     let before = agent.vip("default", "web");
     assert_ne!(before, agent.vip("default", "first"));
@@ -191,10 +150,7 @@ fn no_endpoint_is_refused_at_once() {
         }
     });
     assert!(
-        matches!(
-            err,
-            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
-        ),
+        matches!(err, std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset),
         "want refused or reset, got {err:?}"
     );
 }
@@ -214,8 +170,7 @@ fn udp_is_proxied_and_replies_come_from_the_vip() {
         for i in 0..4 {
             let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
             sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-            sock.send_to(format!("ping{i}").as_bytes(), vip(53))
-                .unwrap();
+            sock.send_to(format!("ping{i}").as_bytes(), vip(53)).unwrap();
             let mut buf = [0u8; 256];
             let (n, from) = sock.recv_from(&mut buf).expect("UDP reply through the VIP");
             replies.push((String::from_utf8_lossy(&buf[..n]).into_owned(), from));
@@ -226,14 +181,8 @@ fn udp_is_proxied_and_replies_come_from_the_vip() {
         assert_eq!(*from, vip(53), "reply must come from the VIP");
         assert!(body.ends_with(&format!(":ping{i}")), "{body}");
     }
-    let names: Vec<_> = replies
-        .iter()
-        .map(|(b, _)| b.split(':').next().unwrap().to_owned())
-        .collect();
-    assert!(
-        names.contains(&"a".into()) && names.contains(&"b".into()),
-        "flows spread over backends: {names:?}"
-    );
+    let names: Vec<_> = replies.iter().map(|(b, _)| b.split(':').next().unwrap().to_owned()).collect();
+    assert!(names.contains(&"a".into()) && names.contains(&"b".into()), "flows spread over backends: {names:?}");
 }
 
 #[test]
@@ -248,9 +197,8 @@ fn thousand_concurrent_connections_complete() {
     let _agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a, b]));
     let ok = t.node.run(|| {
         // Open all 1,000 first so they are concurrent, then use each.
-        let conns: Vec<TcpStream> = (0..1000)
-            .map(|_| TcpStream::connect_timeout(&vip(80), Duration::from_secs(5)).expect("connect"))
-            .collect();
+        let conns: Vec<TcpStream> =
+            (0..1000).map(|_| TcpStream::connect_timeout(&vip(80), Duration::from_secs(5)).expect("connect")).collect();
         let mut ok = 0;
         for mut c in conns {
             use std::io::{Read, Write};
@@ -275,24 +223,11 @@ fn edge0_holds_the_vips_and_goes_on_exit() {
     let t = Topology::new();
     let a = backend_addr(0, 8080);
     let mut agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a]));
-    let addrs = t
-        .node
-        .command("ip")
-        .args(["-o", "addr", "show", "dev", "edge0"])
-        .output()
-        .unwrap();
+    let addrs = t.node.command("ip").args(["-o", "addr", "show", "dev", "edge0"]).output().unwrap();
     let addrs = String::from_utf8_lossy(&addrs.stdout);
     assert!(addrs.contains(&format!("{VIP}/32")), "{addrs}");
-    assert!(
-        addrs.contains("169.254.96.16/32"),
-        "DNS address on edge0: {addrs}"
-    );
+    assert!(addrs.contains("169.254.96.16/32"), "DNS address on edge0: {addrs}");
     agent.stop().expect("clean exit");
-    let gone = t
-        .node
-        .command("ip")
-        .args(["link", "show", "edge0"])
-        .output()
-        .unwrap();
+    let gone = t.node.command("ip").args(["link", "show", "edge0"]).output().unwrap();
     assert!(!gone.status.success(), "edge0 removed on exit");
 }

@@ -34,9 +34,7 @@ pub async fn serve(
     if !listen.ip().is_loopback() {
         warn!(%listen, "the admin API listens beyond loopback: anyone who reaches it can read the node's services");
     }
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("admin.listen {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("admin.listen {listen}"))?;
     info!(%listen, "admin API listening");
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -45,19 +43,12 @@ pub async fn serve(
         .route("/api/v1/status", get(status))
         .route("/api/v1/services", get(services))
         .route("/api/v1/datapath", get(datapath))
-        .with_state(AppState {
-            view,
-            metrics,
-            node_name,
-        });
+        .with_state(AppState { view, metrics, node_name });
     Ok(tokio::spawn(async move {
         let stop = async move {
             let _ = shutdown.changed().await;
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
             warn!("admin API stopped: {e}");
         }
     }))
@@ -67,29 +58,16 @@ async fn readyz(State(s): State<AppState>) -> Response {
     if s.view.ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: catalog not loaded or data path not programmed yet\n",
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: catalog not loaded or data path not programmed yet\n")
             .into_response()
     }
 }
 
 async fn metrics_text(State(s): State<AppState>) -> Response {
     match s.metrics.encode(&s.view) {
-        Ok(body) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
+        Ok(body) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
             .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding metrics: {e}\n"),
-        )
-            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
     }
 }
 
@@ -111,10 +89,6 @@ async fn services(State(s): State<AppState>) -> Response {
 async fn datapath(State(s): State<AppState>) -> Response {
     match s.view.datapath() {
         Some(d) => Json(d).into_response(),
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "data path not started yet\n",
-        )
-            .into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "data path not started yet\n").into_response(),
     }
 }

@@ -27,11 +27,7 @@ struct Fingerprint {
 fn fingerprint(path: &Path) -> Option<Fingerprint> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    Some(Fingerprint {
-        modified: meta.modified().ok()?,
-        len: meta.len(),
-        inode: meta.ino(),
-    })
+    Some(Fingerprint { modified: meta.modified().ok()?, len: meta.len(), inode: meta.ino() })
 }
 
 /// One watched file and the objects of its last good version.
@@ -51,10 +47,7 @@ impl Watched {
         }
         self.seen = now;
         if now.is_none() {
-            let error = format!(
-                "{}: missing; keeping its last good objects",
-                self.path.display()
-            );
+            let error = format!("{}: missing; keeping its last good objects", self.path.display());
             warn!("{error}");
             state.set_error(error);
             return false;
@@ -75,22 +68,15 @@ impl Watched {
 }
 
 pub fn read_objects(path: &Path) -> Result<Objects> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     Objects::parse(&text).with_context(|| path.display().to_string())
 }
 
 /// Reads `paths` now and then watches them, publishing each new good catalog. The first catalog is built before
 /// this returns, so the agent starts with the files' services in place.
 pub fn spawn(paths: Vec<PathBuf>, state: Arc<SourceState>) -> watch::Receiver<Arc<Catalog>> {
-    let mut files: Vec<Watched> = paths
-        .into_iter()
-        .map(|path| Watched {
-            path,
-            seen: None,
-            objects: Objects::default(),
-        })
-        .collect();
+    let mut files: Vec<Watched> =
+        paths.into_iter().map(|path| Watched { path, seen: None, objects: Objects::default() }).collect();
     let initial = rebuild(&mut files, &state).unwrap_or_default();
     let (tx, rx) = watch::channel(Arc::new(initial));
     tokio::spawn(async move {
@@ -110,9 +96,7 @@ pub fn spawn(paths: Vec<PathBuf>, state: Arc<SourceState>) -> watch::Receiver<Ar
 
 /// A new catalog when some file changed and the whole set still makes a valid catalog.
 fn rebuild(files: &mut [Watched], state: &SourceState) -> Option<Catalog> {
-    let changed = files
-        .iter_mut()
-        .fold(false, |changed, f| f.refresh(state) | changed);
+    let changed = files.iter_mut().fold(false, |changed, f| f.refresh(state) | changed);
     if !changed && state.synced() {
         return None;
     }

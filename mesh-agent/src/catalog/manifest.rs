@@ -13,8 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::{
-    Catalog, ClusterIp, Endpoint, EndpointPort, EndpointSet, Protocol, Service, ServiceId,
-    ServicePort, TargetPort,
+    Catalog, ClusterIp, Endpoint, EndpointPort, EndpointSet, Protocol, Service, ServiceId, ServicePort, TargetPort,
 };
 
 /// The label that ties an EndpointSlice to its service.
@@ -50,9 +49,7 @@ impl Objects {
     pub fn parse(text: &str) -> Result<Self> {
         let mut objects = Objects::default();
         for (start_line, doc) in split_documents(text) {
-            objects
-                .add_document(doc)
-                .map_err(|e| anyhow!("line {}: {e}", start_line + e.line))?;
+            objects.add_document(doc).map_err(|e| anyhow!("line {}: {e}", start_line + e.line))?;
         }
         Ok(objects)
     }
@@ -73,8 +70,7 @@ impl Objects {
             ("v1", "List") => {
                 let list: List = typed(doc)?;
                 for (i, item) in list.items.into_iter().enumerate() {
-                    self.add_value(item)
-                        .map_err(|e| DocError::other(anyhow!("items[{i}]: {e:#}")))?;
+                    self.add_value(item).map_err(|e| DocError::other(anyhow!("items[{i}]: {e:#}")))?;
                 }
                 Ok(())
             }
@@ -120,30 +116,23 @@ impl Objects {
             .iter()
             .filter_map(|s| {
                 let name = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-                Some(ServiceId {
-                    namespace: namespace(&s.metadata),
-                    name: name.clone(),
-                })
+                Some(ServiceId { namespace: namespace(&s.metadata), name: name.clone() })
             })
             .collect();
         for (slice, id) in self.slices.iter().zip(&sliced) {
-            let set = convert_slice(slice)
-                .with_context(|| format!("EndpointSlice {}", object_id(&slice.metadata)))?;
+            let set = convert_slice(slice).with_context(|| format!("EndpointSlice {}", object_id(&slice.metadata)))?;
             if let (Some(service), Some(set)) = (services.get_mut(id), set) {
                 service.endpoint_sets.push(set);
             }
         }
         // Legacy Endpoints count only for services without slices, as kube-proxy prefers slices.
         for ep in &self.endpoints {
-            let id = ServiceId {
-                namespace: namespace(&ep.metadata),
-                name: ep.metadata.name.clone().unwrap_or_default(),
-            };
+            let id =
+                ServiceId { namespace: namespace(&ep.metadata), name: ep.metadata.name.clone().unwrap_or_default() };
             if sliced.contains(&id) {
                 continue;
             }
-            let sets = convert_endpoints(ep)
-                .with_context(|| format!("Endpoints {}", object_id(&ep.metadata)))?;
+            let sets = convert_endpoints(ep).with_context(|| format!("Endpoints {}", object_id(&ep.metadata)))?;
             if let Some(service) = services.get_mut(&id) {
                 service.endpoint_sets.extend(sets);
             }
@@ -164,17 +153,8 @@ struct DocError {
 
 impl DocError {
     fn yaml(e: serde_yaml::Error) -> Self {
-        let line = e
-            .location()
-            .map(|l| l.line().saturating_sub(1))
-            .unwrap_or(0);
-        Self {
-            line,
-            error: anyhow!(
-                "{}",
-                e.to_string().split(" at line ").next().unwrap_or_default()
-            ),
-        }
+        let line = e.location().map(|l| l.line().saturating_sub(1)).unwrap_or(0);
+        Self { line, error: anyhow!("{}", e.to_string().split(" at line ").next().unwrap_or_default()) }
     }
 
     fn other(error: anyhow::Error) -> Self {
@@ -199,8 +179,7 @@ fn typed<T: DeserializeOwned>(doc: &str) -> Result<T, DocError> {
 }
 
 fn typed_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T> {
-    serde_path_to_error::deserialize(value)
-        .map_err(|e| anyhow!("field `{}`: {}", e.path(), e.inner()))
+    serde_path_to_error::deserialize(value).map_err(|e| anyhow!("field `{}`: {}", e.path(), e.inner()))
 }
 
 /// Splits YAML at `---` lines, keeping each document's first line number (1-based) for error messages.
@@ -223,18 +202,11 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
 }
 
 fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    meta.namespace
-        .clone()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "default".into())
+    meta.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into())
 }
 
 fn object_id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    format!(
-        "{}/{}",
-        namespace(meta),
-        meta.name.as_deref().unwrap_or("<unnamed>")
-    )
+    format!("{}/{}", namespace(meta), meta.name.as_deref().unwrap_or("<unnamed>"))
 }
 
 fn protocol(p: Option<&str>) -> Result<Protocol> {
@@ -246,27 +218,19 @@ fn protocol(p: Option<&str>) -> Result<Protocol> {
 }
 
 fn port_number(n: i32, field: &str) -> Result<u16> {
-    u16::try_from(n)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| anyhow!("{field}: {n} is not a port (1-65535)"))
+    u16::try_from(n).ok().filter(|p| *p != 0).ok_or_else(|| anyhow!("{field}: {n} is not a port (1-65535)"))
 }
 
 fn convert_service(svc: &K8sService) -> Result<Service> {
     let id = object_id(&svc.metadata);
-    let name = svc
-        .metadata
-        .name
-        .clone()
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| anyhow!("Service {id}: no metadata.name"))?;
+    let name =
+        svc.metadata.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| anyhow!("Service {id}: no metadata.name"))?;
     let spec = svc.spec.clone().unwrap_or_default();
     let cluster_ip = match spec.cluster_ip.as_deref() {
         None | Some("") => ClusterIp::Auto,
         Some("None") => ClusterIp::Headless,
         Some(ip) => ClusterIp::Fixed(
-            ip.parse::<IpAddr>()
-                .map_err(|_| anyhow!("Service {id}: spec.clusterIP {ip:?} is not an IP address"))?,
+            ip.parse::<IpAddr>().map_err(|_| anyhow!("Service {id}: spec.clusterIP {ip:?} is not an IP address"))?,
         ),
     };
     let mut ports = Vec::new();
@@ -275,21 +239,14 @@ fn convert_service(svc: &K8sService) -> Result<Service> {
         let port = port_number(p.port, &format!("{field}.port"))?;
         let target_port = match &p.target_port {
             None => TargetPort::Number(port),
-            Some(IntOrString::Int(n)) => {
-                TargetPort::Number(port_number(*n, &format!("{field}.targetPort"))?)
-            }
+            Some(IntOrString::Int(n)) => TargetPort::Number(port_number(*n, &format!("{field}.targetPort"))?),
             Some(IntOrString::String(s)) => match s.parse::<i32>() {
                 Ok(n) => TargetPort::Number(port_number(n, &format!("{field}.targetPort"))?),
                 Err(_) => TargetPort::Name(s.clone()),
             },
         };
         let protocol = protocol(p.protocol.as_deref()).with_context(|| field.clone())?;
-        ports.push(ServicePort {
-            name: p.name.clone().unwrap_or_default(),
-            port,
-            protocol,
-            target_port,
-        });
+        ports.push(ServicePort { name: p.name.clone().unwrap_or_default(), port, protocol, target_port });
     }
     let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
@@ -299,10 +256,7 @@ fn convert_service(svc: &K8sService) -> Result<Service> {
             .unwrap_or(DEFAULT_AFFINITY)
     });
     Ok(Service {
-        id: ServiceId {
-            namespace: namespace(&svc.metadata),
-            name,
-        },
+        id: ServiceId { namespace: namespace(&svc.metadata), name },
         cluster_ip,
         ports,
         affinity,
@@ -329,15 +283,8 @@ fn convert_slice(slice: &EndpointSlice) -> Result<Option<EndpointSet>> {
         // Kubernetes: unset `ready` means ready; a terminating endpoint takes no new connections.
         let ready = conditions.ready.unwrap_or(true) && !conditions.terminating.unwrap_or(false);
         for (j, a) in e.addresses.iter().enumerate() {
-            let ip = a.parse().map_err(|_| {
-                anyhow!("endpoints[{i}].addresses[{j}]: {a:?} is not an IP address")
-            })?;
-            endpoints.push(Endpoint {
-                ip,
-                ready,
-                node_name: e.node_name.clone(),
-                hostname: e.hostname.clone(),
-            });
+            let ip = a.parse().map_err(|_| anyhow!("endpoints[{i}].addresses[{j}]: {a:?} is not an IP address"))?;
+            endpoints.push(Endpoint { ip, ready, node_name: e.node_name.clone(), hostname: e.hostname.clone() });
         }
     }
     Ok(Some(EndpointSet { ports, endpoints }))
@@ -351,27 +298,15 @@ fn convert_endpoints(ep: &Endpoints) -> Result<Vec<EndpointSet>> {
             ports.push(EndpointPort {
                 name: p.name.clone().unwrap_or_default(),
                 port: port_number(p.port, &format!("subsets[{s}].ports[{i}].port"))?,
-                protocol: protocol(p.protocol.as_deref())
-                    .with_context(|| format!("subsets[{s}].ports[{i}]"))?,
+                protocol: protocol(p.protocol.as_deref()).with_context(|| format!("subsets[{s}].ports[{i}]"))?,
             });
         }
         let mut endpoints = Vec::new();
         let all = subset.addresses.iter().flatten().map(|a| (a, true));
-        let not_ready = subset
-            .not_ready_addresses
-            .iter()
-            .flatten()
-            .map(|a| (a, false));
+        let not_ready = subset.not_ready_addresses.iter().flatten().map(|a| (a, false));
         for (i, (a, ready)) in all.chain(not_ready).enumerate() {
-            let ip = a.ip.parse().map_err(|_| {
-                anyhow!("subsets[{s}] address {i}: {:?} is not an IP address", a.ip)
-            })?;
-            endpoints.push(Endpoint {
-                ip,
-                ready,
-                node_name: a.node_name.clone(),
-                hostname: a.hostname.clone(),
-            });
+            let ip = a.ip.parse().map_err(|_| anyhow!("subsets[{s}] address {i}: {:?} is not an IP address", a.ip))?;
+            endpoints.push(Endpoint { ip, ready, node_name: a.node_name.clone(), hostname: a.hostname.clone() });
         }
         sets.push(EndpointSet { ports, endpoints });
     }
@@ -418,26 +353,14 @@ items:
     #[test]
     fn joins_services_slices_and_endpoints() {
         let catalog = Objects::parse(CATALOG).unwrap().to_catalog().unwrap();
-        let web = &catalog.services[&ServiceId {
-            namespace: "shop".into(),
-            name: "web".into(),
-        }];
-        assert_eq!(
-            web.cluster_ip,
-            ClusterIp::Fixed("10.96.0.10".parse().unwrap())
-        );
+        let web = &catalog.services[&ServiceId { namespace: "shop".into(), name: "web".into() }];
+        assert_eq!(web.cluster_ip, ClusterIp::Fixed("10.96.0.10".parse().unwrap()));
         assert_eq!(web.affinity, Some(DEFAULT_AFFINITY));
         let backends = web.backends(&web.ports[0]);
         assert_eq!(backends.len(), 1, "not-ready endpoint excluded");
-        assert_eq!(
-            (backends[0].port, backends[0].node_name.as_deref()),
-            (8080, Some("edge-1"))
-        );
+        assert_eq!((backends[0].port, backends[0].node_name.as_deref()), (8080, Some("edge-1")));
 
-        let dns = &catalog.services[&ServiceId {
-            namespace: "default".into(),
-            name: "dns".into(),
-        }];
+        let dns = &catalog.services[&ServiceId { namespace: "default".into(), name: "dns".into() }];
         assert_eq!(dns.cluster_ip, ClusterIp::Auto);
         assert_eq!(dns.ports[0].protocol, Protocol::Udp);
         assert_eq!(dns.backends(&dns.ports[0])[0].port, 5353);
@@ -453,10 +376,7 @@ items:
 
     #[test]
     fn unsupported_kinds_are_named() {
-        let err = format!(
-            "{:#}",
-            Objects::parse("apiVersion: apps/v1\nkind: Deployment\n").unwrap_err()
-        );
+        let err = format!("{:#}", Objects::parse("apiVersion: apps/v1\nkind: Deployment\n").unwrap_err());
         assert!(err.contains("Deployment"), "{err}");
     }
 
@@ -464,19 +384,9 @@ items:
     fn headless_and_bad_cluster_ip() {
         let ok = "apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: None}\n";
         let catalog = Objects::parse(ok).unwrap().to_catalog().unwrap();
-        assert_eq!(
-            catalog.services.values().next().unwrap().cluster_ip,
-            ClusterIp::Headless
-        );
-        let bad =
-            "apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: 10.0.0.300}\n";
-        let err = format!(
-            "{:#}",
-            Objects::parse(bad).unwrap().to_catalog().unwrap_err()
-        );
-        assert!(
-            err.contains("default/h") && err.contains("clusterIP"),
-            "{err}"
-        );
+        assert_eq!(catalog.services.values().next().unwrap().cluster_ip, ClusterIp::Headless);
+        let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: 10.0.0.300}\n";
+        let err = format!("{:#}", Objects::parse(bad).unwrap().to_catalog().unwrap_err());
+        assert!(err.contains("default/h") && err.contains("clusterIP"), "{err}");
     }
 }

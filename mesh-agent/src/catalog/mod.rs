@@ -124,11 +124,7 @@ impl Service {
     pub fn backends(&self, port: &ServicePort) -> Vec<PortBackend> {
         let mut out = Vec::new();
         for set in &self.endpoint_sets {
-            let target = match set
-                .ports
-                .iter()
-                .find(|p| p.name == port.name && p.protocol == port.protocol)
-            {
+            let target = match set.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol) {
                 Some(p) => p.port,
                 None => match (&port.target_port, set.ports.is_empty()) {
                     (TargetPort::Number(n), true) => *n,
@@ -136,11 +132,7 @@ impl Service {
                 },
             };
             for e in set.endpoints.iter().filter(|e| e.ready) {
-                out.push(PortBackend {
-                    ip: e.ip,
-                    port: target,
-                    node_name: e.node_name.clone(),
-                });
+                out.push(PortBackend { ip: e.ip, port: target, node_name: e.node_name.clone() });
             }
         }
         out.sort_by(|a, b| (a.ip, a.port).cmp(&(b.ip, b.port)));
@@ -175,18 +167,12 @@ impl SourceState {
     pub fn set_synced(&self) {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         s.synced = true;
-        s.last_sync = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_secs());
+        s.last_sync = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs());
         s.last_error = None;
     }
 
     pub fn set_error(&self, error: String) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .last_error = Some(error);
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(error);
     }
 
     pub fn synced(&self) -> bool {

@@ -24,12 +24,7 @@ pub struct Frontend {
 
 impl std::fmt::Display for Frontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}/{}",
-            SocketAddr::new(self.vip, self.port),
-            self.protocol.as_str()
-        )
+        write!(f, "{}/{}", SocketAddr::new(self.vip, self.port), self.protocol.as_str())
     }
 }
 
@@ -55,14 +50,9 @@ pub enum Change {
 /// The changes that turn `old` into `new`: only frontends that differ, so one endpoint edit in a large catalog
 /// touches one frontend.
 pub fn diff(old: &Frontends, new: &Frontends) -> Vec<Change> {
-    let removed = old
-        .keys()
-        .filter(|f| !new.contains_key(f))
-        .map(|f| Change::Remove(*f));
-    let upserted = new
-        .iter()
-        .filter(|(f, spec)| old.get(f) != Some(spec))
-        .map(|(f, spec)| Change::Upsert(*f, spec.clone()));
+    let removed = old.keys().filter(|f| !new.contains_key(f)).map(|f| Change::Remove(*f));
+    let upserted =
+        new.iter().filter(|(f, spec)| old.get(f) != Some(spec)).map(|(f, spec)| Change::Upsert(*f, spec.clone()));
     removed.chain(upserted).collect()
 }
 
@@ -94,9 +84,7 @@ pub struct FeatureStatus {
 /// Starts the data path `dataplane.mode` asks for.
 pub fn start(config: &Config) -> anyhow::Result<Box<dyn Datapath>> {
     match config.dataplane.mode {
-        DataplaneMode::Userspace | DataplaneMode::Auto => {
-            Ok(Box::new(userspace::UserspaceDatapath::new()))
-        }
+        DataplaneMode::Userspace | DataplaneMode::Auto => Ok(Box::new(userspace::UserspaceDatapath::new())),
         DataplaneMode::Ebpf => {
             anyhow::bail!("dataplane.mode ebpf: this build has no eBPF data path")
         }
@@ -117,43 +105,22 @@ mod tests {
 
     fn spec(ports: &[u16]) -> FrontendSpec {
         FrontendSpec {
-            service: ServiceId {
-                namespace: "default".into(),
-                name: "web".into(),
-            },
-            policy: Policy {
-                strategy: Strategy::RoundRobin,
-                affinity: None,
-            },
-            backends: ports
-                .iter()
-                .map(|p| SocketAddr::from(([10, 0, 0, 1], *p)))
-                .collect(),
+            service: ServiceId { namespace: "default".into(), name: "web".into() },
+            policy: Policy { strategy: Strategy::RoundRobin, affinity: None },
+            backends: ports.iter().map(|p| SocketAddr::from(([10, 0, 0, 1], *p))).collect(),
         }
     }
 
     fn frontend(port: u16) -> Frontend {
-        Frontend {
-            vip: [10, 250, 0, 1].into(),
-            port,
-            protocol: Protocol::Tcp,
-        }
+        Frontend { vip: [10, 250, 0, 1].into(), port, protocol: Protocol::Tcp }
     }
 
     #[test]
     fn diff_touches_only_what_changed() {
-        let old: Frontends = [
-            (frontend(80), spec(&[1])),
-            (frontend(81), spec(&[1])),
-            (frontend(82), spec(&[1])),
-        ]
-        .into();
-        let new: Frontends = [
-            (frontend(80), spec(&[1])),
-            (frontend(81), spec(&[1, 2])),
-            (frontend(83), spec(&[1])),
-        ]
-        .into();
+        let old: Frontends =
+            [(frontend(80), spec(&[1])), (frontend(81), spec(&[1])), (frontend(82), spec(&[1]))].into();
+        let new: Frontends =
+            [(frontend(80), spec(&[1])), (frontend(81), spec(&[1, 2])), (frontend(83), spec(&[1]))].into();
         let changes = diff(&old, &new);
         assert_eq!(
             changes,

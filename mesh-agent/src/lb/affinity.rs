@@ -17,10 +17,7 @@ const SWEEP_ABOVE: usize = 4096;
 
 impl AffinityTable {
     pub fn new(timeout: Duration) -> Self {
-        Self {
-            timeout,
-            entries: Mutex::default(),
-        }
+        Self { timeout, entries: Mutex::default() }
     }
 
     pub fn timeout(&self) -> Duration {

@@ -15,10 +15,7 @@ pub struct Table {
 impl Table {
     /// Fills `size` slots (a prime) with indices into `backends`, which must not be empty.
     pub fn build(backends: &[SocketAddr], size: u32) -> Self {
-        assert!(
-            !backends.is_empty(),
-            "a Maglev table needs at least one backend"
-        );
+        assert!(!backends.is_empty(), "a Maglev table needs at least one backend");
         let m = size as u64;
         let perms: Vec<(u64, u64)> = backends
             .iter()
@@ -70,9 +67,7 @@ fn backend_key(b: &SocketAddr) -> [u8; 18] {
 }
 
 fn fnv1a(bytes: [u8; 18], basis: u64) -> u64 {
-    bytes
-        .iter()
-        .fold(basis, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(basis, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 #[cfg(test)]
@@ -80,9 +75,7 @@ mod tests {
     use super::*;
 
     fn backends(n: u16) -> Vec<SocketAddr> {
-        (0..n)
-            .map(|i| SocketAddr::from(([10, 0, 0, 1], 8000 + i)))
-            .collect()
+        (0..n).map(|i| SocketAddr::from(([10, 0, 0, 1], 8000 + i))).collect()
     }
 
     #[test]
@@ -106,9 +99,7 @@ mod tests {
             .slots()
             .iter()
             .zip(after.slots())
-            .filter(|(b, a)| {
-                all[**b as usize] != removed && all[**b as usize] != fewer[**a as usize]
-            })
+            .filter(|(b, a)| all[**b as usize] != removed && all[**b as usize] != fewer[**a as usize])
             .count();
         // Slots of surviving backends rarely move (Maglev's bound is loose; well under a fifth here).
         assert!(moved < DEFAULT_SIZE as usize / 5, "{moved} slots moved");

@@ -72,16 +72,8 @@ impl Balancer {
     pub fn new(policy: Policy, backends: Arc<[SocketAddr]>) -> Self {
         let maglev = (policy.strategy == Strategy::ConsistentHash && !backends.is_empty())
             .then(|| maglev::Table::build(&backends, maglev::DEFAULT_SIZE));
-        let affinity = policy
-            .affinity
-            .map(|timeout| Arc::new(AffinityTable::new(timeout)));
-        Self {
-            policy,
-            backends,
-            maglev,
-            cursor: Arc::default(),
-            affinity,
-        }
+        let affinity = policy.affinity.map(|timeout| Arc::new(AffinityTable::new(timeout)));
+        Self { policy, backends, maglev, cursor: Arc::default(), affinity }
     }
 
     /// The balancer for a new backend set, keeping this one's cursor and the affinity entries that still point to
@@ -155,11 +147,8 @@ pub fn client_hash(client: IpAddr) -> u32 {
         IpAddr::V4(v4) => mesh_common::hash::hash_u32(u32::from_be_bytes(v4.octets())),
         IpAddr::V6(v6) => {
             let o = v6.octets();
-            let words =
-                [0, 4, 8, 12].map(|i| u32::from_be_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]));
-            words
-                .into_iter()
-                .fold(0, |acc, w| mesh_common::hash::hash_u32(acc ^ w))
+            let words = [0, 4, 8, 12].map(|i| u32::from_be_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]));
+            words.into_iter().fold(0, |acc, w| mesh_common::hash::hash_u32(acc ^ w))
         }
     }
 }
@@ -169,32 +158,21 @@ mod tests {
     use super::*;
 
     fn backends(n: u16) -> Arc<[SocketAddr]> {
-        (0..n)
-            .map(|i| SocketAddr::from(([10, 0, 0, 1], 8000 + i)))
-            .collect()
+        (0..n).map(|i| SocketAddr::from(([10, 0, 0, 1], 8000 + i))).collect()
     }
 
     const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     #[test]
     fn round_robin_alternates_exactly() {
-        let b = Balancer::new(
-            Policy {
-                strategy: Strategy::RoundRobin,
-                affinity: None,
-            },
-            backends(3),
-        );
+        let b = Balancer::new(Policy { strategy: Strategy::RoundRobin, affinity: None }, backends(3));
         let picks: Vec<_> = (0..6).map(|_| b.pick(CLIENT).unwrap().port()).collect();
         assert_eq!(picks, [8000, 8001, 8002, 8000, 8001, 8002]);
     }
 
     #[test]
     fn round_robin_keeps_its_cursor_across_updates() {
-        let policy = Policy {
-            strategy: Strategy::RoundRobin,
-            affinity: None,
-        };
+        let policy = Policy { strategy: Strategy::RoundRobin, affinity: None };
         let b = Balancer::new(policy, backends(2));
         assert_eq!(b.pick(CLIENT).unwrap().port(), 8000);
         let b = b.update(policy, backends(2));
@@ -203,27 +181,14 @@ mod tests {
 
     #[test]
     fn random_reaches_every_backend() {
-        let b = Balancer::new(
-            Policy {
-                strategy: Strategy::Random,
-                affinity: None,
-            },
-            backends(3),
-        );
-        let seen: std::collections::HashSet<_> =
-            (0..200).map(|_| b.pick(CLIENT).unwrap()).collect();
+        let b = Balancer::new(Policy { strategy: Strategy::Random, affinity: None }, backends(3));
+        let seen: std::collections::HashSet<_> = (0..200).map(|_| b.pick(CLIENT).unwrap()).collect();
         assert_eq!(seen.len(), 3);
     }
 
     #[test]
     fn consistent_hash_is_stable_per_client() {
-        let b = Balancer::new(
-            Policy {
-                strategy: Strategy::ConsistentHash,
-                affinity: None,
-            },
-            backends(5),
-        );
+        let b = Balancer::new(Policy { strategy: Strategy::ConsistentHash, affinity: None }, backends(5));
         for i in 0..50u8 {
             let client = IpAddr::from([192, 0, 2, i]);
             let first = b.pick(client);
@@ -233,10 +198,7 @@ mod tests {
 
     #[test]
     fn affinity_sticks_and_survives_updates() {
-        let policy = Policy {
-            strategy: Strategy::RoundRobin,
-            affinity: Some(Duration::from_secs(60)),
-        };
+        let policy = Policy { strategy: Strategy::RoundRobin, affinity: Some(Duration::from_secs(60)) };
         let b = Balancer::new(policy, backends(3));
         let first = b.pick(CLIENT).unwrap();
         assert!((0..5).all(|_| b.pick(CLIENT) == Some(first)));
@@ -246,34 +208,16 @@ mod tests {
 
     #[test]
     fn no_backend_no_pick() {
-        let b = Balancer::new(
-            Policy {
-                strategy: Strategy::RoundRobin,
-                affinity: None,
-            },
-            backends(0),
-        );
+        let b = Balancer::new(Policy { strategy: Strategy::RoundRobin, affinity: None }, backends(0));
         assert_eq!(b.pick(CLIENT), None);
     }
 
     #[test]
     fn next_after_visits_the_others() {
-        let b = Balancer::new(
-            Policy {
-                strategy: Strategy::RoundRobin,
-                affinity: None,
-            },
-            backends(3),
-        );
+        let b = Balancer::new(Policy { strategy: Strategy::RoundRobin, affinity: None }, backends(3));
         let first = b.pick(CLIENT).unwrap();
         let second = b.next_after(CLIENT, first).unwrap();
         let third = b.next_after(CLIENT, second).unwrap();
-        assert_eq!(
-            [first, second, third]
-                .iter()
-                .collect::<std::collections::HashSet<_>>()
-                .len(),
-            3
-        );
+        assert_eq!([first, second, third].iter().collect::<std::collections::HashSet<_>>().len(), 3);
     }
 }

@@ -29,11 +29,7 @@ pub struct Options<'a> {
 
 impl Default for Options<'_> {
     fn default() -> Self {
-        Self {
-            mode: "userspace",
-            strategy: "RoundRobin",
-            extra: "",
-        }
+        Self { mode: "userspace", strategy: "RoundRobin", extra: "" }
     }
 }
 
@@ -70,25 +66,15 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("spawning mesh-agent");
-        let agent = Self {
-            child: Some(child),
-            dir: dir.to_owned(),
-            ns_path: format!("/run/netns/{}", ns.name),
-            _tmp: None,
-        };
+        let agent =
+            Self { child: Some(child), dir: dir.to_owned(), ns_path: format!("/run/netns/{}", ns.name), _tmp: None };
         agent.wait_ready();
         agent
     }
 
     pub fn wait_ready(&self) {
-        let ready = wait_for(Duration::from_secs(20), || {
-            (self.get("/readyz").ok()?.0 == 200).then_some(())
-        });
-        assert!(
-            ready.is_some(),
-            "agent not ready within 20 s; log:\n{}",
-            self.log()
-        );
+        let ready = wait_for(Duration::from_secs(20), || (self.get("/readyz").ok()?.0 == 200).then_some(()));
+        assert!(ready.is_some(), "agent not ready within 20 s; log:\n{}", self.log());
     }
 
     /// GET on the admin API from inside the node namespace: (status, body).
@@ -96,21 +82,13 @@ impl Agent {
         let (ns_path, path) = (self.ns_path.clone(), path.to_owned());
         std::thread::spawn(move || {
             super::netns::enter(&ns_path);
-            let mut conn =
-                TcpStream::connect_timeout(&ADMIN.parse().unwrap(), Duration::from_secs(2))?;
+            let mut conn = TcpStream::connect_timeout(&ADMIN.parse().unwrap(), Duration::from_secs(2))?;
             conn.set_read_timeout(Some(Duration::from_secs(5)))?;
             write!(conn, "GET {path} HTTP/1.0\r\n\r\n")?;
             let mut response = String::new();
             conn.read_to_string(&mut response)?;
-            let status = response
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            let body = response
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default();
+            let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
             Ok((status, body))
         })
         .join()
@@ -127,16 +105,10 @@ impl Agent {
     pub fn vip(&self, namespace: &str, name: &str) -> IpAddr {
         let found = wait_for(Duration::from_secs(5), || {
             self.services().as_array()?.iter().find_map(|s| {
-                (s["namespace"] == namespace && s["name"] == name)
-                    .then(|| s["vip"].as_str()?.parse().ok())?
+                (s["namespace"] == namespace && s["name"] == name).then(|| s["vip"].as_str()?.parse().ok())?
             })
         });
-        found.unwrap_or_else(|| {
-            panic!(
-                "{namespace}/{name} has no VIP; services: {}",
-                self.services()
-            )
-        })
+        found.unwrap_or_else(|| panic!("{namespace}/{name} has no VIP; services: {}", self.services()))
     }
 
     pub fn catalog_path(&self) -> PathBuf {
@@ -180,11 +152,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
         if std::thread::panicking() {
-            eprintln!(
-                "---- agent log ({}) ----\n{}",
-                self.dir.display(),
-                self.log()
-            );
+            eprintln!("---- agent log ({}) ----\n{}", self.dir.display(), self.log());
         }
     }
 }
@@ -192,11 +160,7 @@ impl Drop for Agent {
 /// A catalog with one service `default/NAME` (clusterIP as given: an address, "" for a pool VIP, or "None"),
 /// TCP port 80 (`http`) and UDP port 53 (`dns`) on each backend `ip:port` (the same port for both protocols).
 pub fn catalog(name: &str, cluster_ip: &str, backends: &[SocketAddr]) -> String {
-    let cluster_ip = if cluster_ip.is_empty() {
-        String::new()
-    } else {
-        format!("\n  clusterIP: {cluster_ip}")
-    };
+    let cluster_ip = if cluster_ip.is_empty() { String::new() } else { format!("\n  clusterIP: {cluster_ip}") };
     let mut out = format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:{cluster_ip}\n  ports:\n  \
          - {{name: http, port: 80, protocol: TCP}}\n  - {{name: dns, port: 53, protocol: UDP}}\n"

@@ -18,10 +18,7 @@ pub struct HttpBackend {
 
 impl HttpBackend {
     pub fn start(ns: &Netns, name: &str, addr: SocketAddr) -> Self {
-        let (hits, stop) = (
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicBool::new(false)),
-        );
+        let (hits, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
         let (h, s, body) = (Arc::clone(&hits), Arc::clone(&stop), name.to_owned());
         let listener = ns.run(move || TcpListener::bind(addr).expect("binding backend"));
         listener.set_nonblocking(true).unwrap();
@@ -37,12 +34,7 @@ impl HttpBackend {
                 }
             }
         });
-        Self {
-            name: name.into(),
-            addr,
-            hits,
-            stop,
-        }
+        Self { name: name.into(), addr, hits, stop }
     }
 }
 
@@ -60,10 +52,7 @@ fn serve_http(mut conn: TcpStream, body: &str) {
     loop {
         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             buf.drain(..end + 4);
-            let reply = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
+            let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
             if conn.write_all(reply.as_bytes()).is_err() {
                 return;
             }
@@ -99,9 +88,7 @@ pub fn http_get(addr: SocketAddr) -> std::io::Result<String> {
             }
         }
     }
-    Err(std::io::Error::other(format!(
-        "incomplete response: {response:?}"
-    )))
+    Err(std::io::Error::other(format!("incomplete response: {response:?}")))
 }
 
 /// A UDP echo that answers `NAME:payload`. Stops on drop.
@@ -114,9 +101,7 @@ impl UdpEcho {
     pub fn start(ns: &Netns, name: &str, addr: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let socket = ns.run(move || UdpSocket::bind(addr).expect("binding UDP backend"));
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let (s, name) = (Arc::clone(&stop), name.to_owned());
         std::thread::spawn(move || {
             let mut buf = [0u8; 2048];

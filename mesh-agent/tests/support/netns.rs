@@ -10,12 +10,7 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// Runs `ip ARGS`, panicking with its stderr on failure.
 pub fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
 /// A named network namespace, deleted on drop.
@@ -26,11 +21,7 @@ pub struct Netns {
 impl Netns {
     /// A fresh namespace with `lo` up. `role` makes the name readable in `ip netns` while a test runs.
     pub fn new(role: &str) -> Self {
-        let name = format!(
-            "mt-{}-{}-{role}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("mt-{}-{}-{role}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         ip(&["netns", "add", &name]);
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"]);
@@ -50,10 +41,7 @@ impl Netns {
     }
 
     /// Spawns a thread that enters this namespace, then runs `f`.
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             enter(&path);
@@ -79,9 +67,7 @@ pub fn enter(path: &str) {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
@@ -100,18 +86,7 @@ impl Topology {
         let node = Netns::new("node");
         let backends = Netns::new("be");
         // Created inside the node namespace so parallel tests never collide on interface names.
-        node.ip(&[
-            "link",
-            "add",
-            "veth-n",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "veth-b",
-            "netns",
-            &backends.name,
-        ]);
+        node.ip(&["link", "add", "veth-n", "type", "veth", "peer", "name", "veth-b", "netns", &backends.name]);
         node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "veth-n"]);
         node.ip(&["link", "set", "veth-n", "up"]);
         for ip in BACKEND_IPS {
