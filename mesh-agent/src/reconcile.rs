@@ -46,7 +46,13 @@ impl Reconciler {
         strategy: Strategy,
         view: Arc<View>,
     ) -> Self {
-        Self { ipam, device, datapath, extra_addresses, strategy, view, frontends: Frontends::new() }
+        let (resolved, _) = watch::channel(Arc::default());
+        Self { ipam, device, datapath, extra_addresses, strategy, view, resolved, frontends: Frontends::new() }
+    }
+
+    /// Follows every applied catalog with its VIPs.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Resolved>> {
+        self.resolved.subscribe()
     }
 
     /// Applies every new catalog until `catalogs` closes or `shutdown` fires; returns the reconciler so the caller
