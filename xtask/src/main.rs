@@ -1,0 +1,118 @@
+//! `cargo xtask …`: the developer tasks of mesh-agent (DESIGN.md "Workspace").
+
+mod bench;
+mod build_ebpf;
+mod cmd;
+mod run;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "mesh-agent developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (apt packages, nightly + rust-src, bpf-linker); idempotent.
+    Setup,
+    /// Build the eBPF programs (mesh-ebpf) alone with nightly for bpfel-unknown-none.
+    BuildEbpf,
+    /// Build the agent and run it on a demo catalog with two local HTTP backends.
+    Run {
+        /// Extra arguments for `mesh-agent run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// fmt + clippy, then build and test the workspace: `cargo xtask test [CARGO TEST ARGS] [-- HARNESS ARGS]`.
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter or `-p mesh-agent`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Compare direct, iptables DNAT, haproxy and the agent's datapaths side by side.
+    Bench(bench::Args),
+}
+
+/// Splits the command line at its first `--`. clap would drop a `--` that comes right after the subcommand, and
+/// `cargo xtask test -- --nocapture` must mean what `cargo test -- --nocapture` means.
+fn split_at_dashes(mut argv: Vec<String>) -> (Vec<String>, Vec<String>) {
+    match argv.iter().position(|a| a == "--") {
+        Some(i) => {
+            let after = argv.split_off(i + 1);
+            argv.pop();
+            (argv, after)
+        }
+        None => (argv, Vec::new()),
+    }
+}
+
+fn main() {
+    let (argv, after) = split_at_dashes(std::env::args().collect());
+    let cli = Cli::parse_from(argv);
+    let passes_args = matches!(cli.task, Task::Run { .. } | Task::Test { .. });
+    if !passes_args && !after.is_empty() {
+        eprintln!("xtask: error: unexpected arguments after `--`: {}", after.join(" "));
+        std::process::exit(2);
+    }
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => build_ebpf::run(),
+        Task::Run { mut args } => {
+            args.extend(after);
+            run::run(&args)
+        }
+        Task::Test { args } => test::run(&args, &after),
+        Task::Bench(args) => bench::run(&args),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: error: {err:#}");
+        let code = err.downcast_ref::<cmd::Failed>().and_then(|f| f.code).unwrap_or(1);
+        std::process::exit(code);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> (Vec<String>, Vec<String>) {
+        let (argv, after) = split_at_dashes(argv.iter().map(|a| a.to_string()).collect());
+        match Cli::try_parse_from(argv).unwrap().task {
+            Task::Test { args } | Task::Run { args } => (args, after),
+            _ => unreachable!(),
+        }
+    }
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|a| a.to_string()).collect()
+    }
+
+    /// `cargo xtask test NAME -- --nocapture` must mean what `cargo test NAME -- --nocapture` means.
+    #[test]
+    fn test_args_pass_through() {
+        assert_eq!(parse(&["xtask", "test"]), (strings(&[]), strings(&[])));
+        assert_eq!(
+            parse(&["xtask", "test", "cfg", "--", "--nocapture"]),
+            (strings(&["cfg"]), strings(&["--nocapture"]))
+        );
+        assert_eq!(parse(&["xtask", "test", "-p", "mesh-agent"]), (strings(&["-p", "mesh-agent"]), strings(&[])));
+        assert_eq!(parse(&["xtask", "test", "--", "--nocapture"]), (strings(&[]), strings(&["--nocapture"])));
+    }
+
+    #[test]
+    fn run_args_pass_through() {
+        assert_eq!(
+            parse(&["xtask", "run", "--", "--log-format", "json"]),
+            (strings(&[]), strings(&["--log-format", "json"]))
+        );
+        assert_eq!(
+            parse(&["xtask", "run", "--log-format", "json"]),
+            (strings(&["--log-format", "json"]), strings(&[]))
+        );
+    }
+}

@@ -1,0 +1,25 @@
+//! `cargo xtask test`: the one test command (`.ci/run` calls it). Style and lints first so they fail fast, then
+//! the build, then the tests with their output streamed. The environment is passed through untouched: tests
+//! read `CI=true` to fail instead of skipping.
+
+use anyhow::{Context, Result};
+
+use crate::{cmd, setup};
+
+pub fn run(args: &[String], harness: &[String]) -> Result<()> {
+    setup::run()?;
+    step("formatting (cargo fmt --check; fix with `cargo fmt`)", &["fmt", "--all", "--check"])?;
+    step("lints (cargo clippy)", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    step("build", &["build", "--workspace"])?;
+    let mut test = cmd::cargo();
+    test.args(["test", "--workspace"]).args(args);
+    if !harness.is_empty() {
+        test.arg("--").args(harness);
+    }
+    cmd::run(&mut test)
+}
+
+fn step(what: &str, args: &[&str]) -> Result<()> {
+    println!("test: checking {what}");
+    cmd::run(cmd::cargo().args(args)).with_context(|| format!("{what} failed"))
+}
