@@ -44,6 +44,12 @@ pub async fn run(config: Config) -> Result<()> {
     let datapath = datapath::start(&config).context("starting the data path")?;
     let reconciler =
         Reconciler::new(ipam, device, datapath, dns_address, config.load_balancer.strategy, Arc::clone(&view));
+    let resolved = reconciler.subscribe();
+    let dns = if config.dns.enable {
+        Some(crate::dns::start(&config.dns, resolved, shutdown_rx.clone()).await?)
+    } else {
+        None
+    };
     let reconciling = tokio::spawn(reconciler.run(catalogs, shutdown_rx));
 
     wait_for_signal().await?;
@@ -51,6 +57,9 @@ pub async fn run(config: Config) -> Result<()> {
     let _ = shutdown_tx.send(true);
     // Dropping the reconciler closes the data path and removes edge0 with its addresses.
     drop(reconciling.await.context("reconciler task")?);
+    if let Some(dns) = dns {
+        let _ = dns.await;
+    }
     let _ = admin.await;
     info!("stopped");
     Ok(())

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod device;
+pub mod dns;
 pub mod ipam;
 pub mod lb;
 pub mod metrics;
