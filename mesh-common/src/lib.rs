@@ -2,7 +2,9 @@
 //!
 //! Every type crossing the user/kernel boundary is `#[repr(C)]`, carries explicit padding and has its size
 //! asserted at compile time, so both sides agree on the layout byte for byte.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+pub mod maps;
 
 pub mod hash {
     /// A 32-bit integer mix (Murmur3's finaliser): cheap enough for the kernel, spreads client addresses evenly.

@@ -2,6 +2,7 @@
 //! socket-level rewrite (`ebpf`) and the userspace splice proxy (`userspace`). The reconciler feeds either the
 //! same diffs.
 
+pub mod ebpf;
 pub mod userspace;
 
 use std::collections::BTreeMap;

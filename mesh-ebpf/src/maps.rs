@@ -1,0 +1,32 @@
+//! The maps, pinned by name so a restarted agent adopts them. Capacities here are placeholders: the agent sizes
+//! them from its config before loading.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap},
+};
+use mesh_common::maps::{
+    AffinityKey, AffinityValue, Backend, BackendKey, MaglevKey, MaglevTable, RevNatKey, RevNatValue, ServiceKey,
+    ServiceValue, AFFINITY_ENTRIES, REV_NAT_ENTRIES,
+};
+
+#[map(name = "services")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(1024, 0);
+
+#[map(name = "backends")]
+pub static BACKENDS: HashMap<BackendKey, Backend> = HashMap::pinned(2048, 0);
+
+// 2 KiB values, only for ConsistentHash services: allocate on use, not up front.
+#[map(name = "maglev")]
+pub static MAGLEV: HashMap<MaglevKey, MaglevTable> = HashMap::pinned(2048, BPF_F_NO_PREALLOC);
+
+/// Round-robin position per service id.
+#[map(name = "rr")]
+pub static RR: Array<u64> = Array::pinned(1024, 0);
+
+#[map(name = "affinity")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(AFFINITY_ENTRIES, 0);
+
+#[map(name = "rev_nat")]
+pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(REV_NAT_ENTRIES, 0);
