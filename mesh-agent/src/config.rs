@@ -97,8 +97,21 @@ pub struct CatalogConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct KubernetesConfig {
     pub enable: bool,
+    /// A kubeconfig file. Empty: `$KUBECONFIG` or `~/.kube/config`, else the in-cluster service account.
     pub kubeconfig: String,
+    /// The API server URL, overriding the kubeconfig's (KubeEdge's metaServer: `http://127.0.0.1:10550`).
     pub server: String,
+    pub service_filter_mode: ServiceFilterMode,
+}
+
+/// Which services EdgeMesh's label `service.edgemesh.kubeedge.io/service-proxy-name` keeps out (EdgeMesh's names).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum ServiceFilterMode {
+    /// Services with the label are left to another proxy.
+    #[default]
+    FilterIfLabelExists,
+    /// Only services with the label are served.
+    FilterIfLabelDoesNotExist,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -253,6 +266,10 @@ impl Config {
         for (i, upstream) in self.dns.upstreams.iter().enumerate() {
             parse_upstream(upstream).with_context(|| format!("field `dns.upstreams[{i}]`"))?;
         }
+        let server = &self.catalog.kubernetes.server;
+        if !server.is_empty() {
+            check_server_url(server).context("field `catalog.kubernetes.server`")?;
+        }
         if self.tunnel.enable {
             bail!("field `tunnel.enable`: the node-to-node tunnel is not available in this release");
         }
@@ -271,6 +288,15 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddr> {
     match s.parse::<IpAddr>() {
         Ok(ip) => Ok(SocketAddr::new(ip, 53)),
         Err(_) => bail!("{s:?} is not an address (\"ip\" or \"ip:port\")"),
+    }
+}
+
+/// An API server URL: http or https with a host, as kube-rs needs it.
+fn check_server_url(s: &str) -> Result<()> {
+    let uri: http::Uri = s.parse().map_err(|e| anyhow::anyhow!("{s:?} is not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(()),
+        _ => bail!("{s:?} is not an http:// or https:// URL with a host"),
     }
 }
 
@@ -331,6 +357,21 @@ mod tests {
         assert!(format!("{err:#}").contains("admin.listen"), "{err:#}");
         let err = Config::parse("dns:\n  upstreams: [\"1.2.3\"]\n").unwrap_err();
         assert!(format!("{err:#}").contains("dns.upstreams[0]"), "{err:#}");
+    }
+
+    #[test]
+    fn kubernetes_filter_mode_and_server() {
+        let config = Config::parse("catalog:\n  kubernetes: {serviceFilterMode: FilterIfLabelDoesNotExist}\n").unwrap();
+        assert_eq!(config.catalog.kubernetes.service_filter_mode, ServiceFilterMode::FilterIfLabelDoesNotExist);
+        assert_eq!(
+            Config::parse("").unwrap().catalog.kubernetes.service_filter_mode,
+            ServiceFilterMode::FilterIfLabelExists
+        );
+        let err = Config::parse("catalog:\n  kubernetes: {serviceFilterMode: FilterAll}\n").unwrap_err();
+        assert!(format!("{err:#}").contains("catalog.kubernetes.serviceFilterMode"), "{err:#}");
+        assert!(Config::parse("catalog:\n  kubernetes: {server: \"http://127.0.0.1:10550\"}\n").is_ok());
+        let err = Config::parse("catalog:\n  kubernetes: {server: \"127.0.0.1:10550\"}\n").unwrap_err();
+        assert!(format!("{err:#}").contains("catalog.kubernetes.server"), "{err:#}");
     }
 
     #[test]
