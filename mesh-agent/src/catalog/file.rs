@@ -97,7 +97,7 @@ pub fn spawn(paths: Vec<PathBuf>, state: Arc<SourceState>) -> watch::Receiver<Ar
 /// A new catalog when some file changed and the whole set still makes a valid catalog.
 fn rebuild(files: &mut [Watched], state: &SourceState) -> Option<Catalog> {
     let changed = files.iter_mut().fold(false, |changed, f| f.refresh(state) | changed);
-    if !changed && state.synced() {
+    if !changed && state.files_synced() {
         return None;
     }
     let mut all = Objects::default();

@@ -1,10 +1,13 @@
 //! The service catalog: the desired state every consumer reads, as one immutable snapshot per change.
 //!
-//! Sources (`file`, later `kubernetes`) produce [`Objects`]; [`Catalog::build`] joins services with their
-//! endpoints into the model below.
+//! Sources (`file`, `kubernetes`) produce [`Objects`]; [`Objects::to_catalog`] joins services with their
+//! endpoints into the model below, and `merge` combines the sources' catalogs.
 
+pub mod cache;
 pub mod file;
+pub mod kubernetes;
 pub mod manifest;
+pub mod merge;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -135,7 +138,7 @@ impl Service {
                 out.push(PortBackend { ip: e.ip, port: target, node_name: e.node_name.clone() });
             }
         }
-        out.sort_by(|a, b| (a.ip, a.port).cmp(&(b.ip, b.port)));
+        out.sort_by_key(|b| (b.ip, b.port));
         out.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
         out
     }
@@ -154,6 +157,8 @@ pub struct SourceState {
     inner: std::sync::Mutex<SourceStatus>,
 }
 
+/// `synced`: every enabled source has loaded; `lastSync` and `lastError` are the catalog files'; `kubernetes` is
+/// present when that source is enabled.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SourceStatus {
@@ -161,6 +166,15 @@ pub struct SourceStatus {
     /// Seconds since the Unix epoch of the last good load.
     pub last_sync: Option<u64>,
     pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<kubernetes::Status>,
+}
+
+impl SourceStatus {
+    /// Every enabled source has something to serve: the files were read, the API objects listed or cached.
+    fn all_synced(&self) -> bool {
+        self.synced && self.kubernetes.as_ref().is_none_or(kubernetes::Status::serving)
+    }
 }
 
 impl SourceState {
@@ -175,11 +189,23 @@ impl SourceState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(error);
     }
 
-    pub fn synced(&self) -> bool {
+    pub fn set_kubernetes(&self, status: kubernetes::Status) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).kubernetes = Some(status);
+    }
+
+    /// Whether the catalog files have been read (the file source's own state).
+    pub fn files_synced(&self) -> bool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).synced
     }
 
+    /// Whether every enabled source has loaded: what readiness waits for.
+    pub fn synced(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).all_synced()
+    }
+
     pub fn status(&self) -> SourceStatus {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let mut status = self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        status.synced = status.all_synced();
+        status
     }
 }
