@@ -1,6 +1,6 @@
 //! `mesh-agent run`: wires the parts together and runs until SIGTERM/SIGINT.
 //!
-//! catalog files ─▶ Reconciler ─▶ IPAM, edge0, data path ─▶ View ─▶ admin API
+//! catalog files + Kubernetes API (merged) ─▶ Reconciler ─▶ IPAM, edge0, data path ─▶ View ─▶ admin API
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -26,7 +26,12 @@ pub async fn run(config: Config) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let source_state = Arc::new(SourceState::default());
-    let catalogs = catalog::file::spawn(config.catalog.files.clone(), Arc::clone(&source_state));
+    let mut catalogs = catalog::file::spawn(config.catalog.files.clone(), Arc::clone(&source_state));
+    if config.catalog.kubernetes.enable {
+        let api =
+            catalog::kubernetes::spawn(config.catalog.kubernetes.clone(), &config.state_dir, Arc::clone(&source_state));
+        catalogs = catalog::merge::spawn(catalogs, api);
+    }
     let view = Arc::new(View::new(source_state));
     let metrics = Arc::new(Metrics::default());
     let admin = admin::server::serve(
