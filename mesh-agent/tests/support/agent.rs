@@ -25,11 +25,13 @@ pub struct Options<'a> {
     pub strategy: &'a str,
     /// Extra top-level config keys (YAML), e.g. `device: {vipPool: 10.250.0.0/30}`.
     pub extra: &'a str,
+    /// Extra keys under `catalog:` besides the harness's file, e.g. `kubernetes: {enable: true, server: URL}`.
+    pub catalog: &'a str,
 }
 
 impl Default for Options<'_> {
     fn default() -> Self {
-        Self { mode: "userspace", strategy: "RoundRobin", extra: "" }
+        Self { mode: "userspace", strategy: "RoundRobin", extra: "", catalog: "" }
     }
 }
 
@@ -47,9 +49,10 @@ impl Agent {
     /// Starts an agent on an existing directory (its state and catalog), as a restart does.
     pub fn start_in(ns: &Netns, dir: &Path, options: &Options) -> Self {
         let config = format!(
-            "nodeName: test-node\nstateDir: {dir}/state\ncatalog:\n  files: [{dir}/catalog.yaml]\n\
+            "nodeName: test-node\nstateDir: {dir}/state\ncatalog:\n  files: [{dir}/catalog.yaml]\n  {catalog}\n\
              dataplane:\n  mode: {mode}\nloadBalancer:\n  strategy: {strategy}\n{extra}\n",
             dir = dir.display(),
+            catalog = options.catalog,
             mode = options.mode,
             strategy = options.strategy,
             extra = options.extra,

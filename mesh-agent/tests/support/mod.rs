@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod fake_apiserver;
 pub mod netns;
 
 use std::time::{Duration, Instant};
