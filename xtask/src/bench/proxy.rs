@@ -1,0 +1,225 @@
+//! The proxy suite: one service, one backend, the same clients, through each way of getting from a VIP to a
+//! backend. Every target has a topology of its own, so nothing (conntrack hooks, a proxy's sockets) affects
+//! another target's numbers.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::netns::{self, log_tail, Cgroup, Topology, BACKEND_IP};
+use super::tools::Client;
+use crate::cmd;
+
+pub const VIP: &str = "10.250.0.10";
+pub const HTTP_PORT: u16 = 80;
+pub const IPERF_PORT: u16 = 5201;
+const ADMIN: &str = "127.0.0.1:19099";
+const BODY: &str = "hello from bench\n";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Target {
+    /// Clients connect to the backend's own address: the physical limit.
+    Direct,
+    /// kube-proxy's mode: a DNAT rule per service port in the node's OUTPUT chain.
+    IptablesDnat,
+    /// haproxy in tcp mode with splice-auto, listening on the VIP.
+    Haproxy,
+    /// mesh-agent with `dataplane.mode: userspace`.
+    AgentUserspace,
+    /// mesh-agent with `dataplane.mode: ebpf`, the clients in the child cgroup it attaches to.
+    AgentEbpf,
+}
+
+pub const ALL: [Target; 5] =
+    [Target::Direct, Target::IptablesDnat, Target::Haproxy, Target::AgentUserspace, Target::AgentEbpf];
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::IptablesDnat => "iptables-dnat",
+            Target::Haproxy => "haproxy",
+            Target::AgentUserspace => "agent-userspace",
+            Target::AgentEbpf => "agent-ebpf",
+        }
+    }
+}
+
+/// A target, set up and answering on `host`: what the clients need, and what the agent says it is doing.
+pub struct Ready {
+    pub topology: Topology,
+    pub host: &'static str,
+    pub cgroup: Option<Cgroup>,
+    pub datapath: Option<serde_json::Value>,
+}
+
+/// Brings up the topology, the backends and `target`, and checks one request gets the backend's answer.
+pub fn prepare(target: Target, work: &Path, agent: Result<&Path, &str>) -> Result<Ready> {
+    let mut topo = Topology::new(target.name())?;
+    start_backends(&mut topo, work)?;
+    let mut ready = Ready { host: VIP, cgroup: None, datapath: None, topology: topo };
+    match target {
+        Target::Direct => ready.host = BACKEND_IP,
+        Target::IptablesDnat => dnat(&ready.topology)?,
+        Target::Haproxy => haproxy(&mut ready.topology, work)?,
+        Target::AgentUserspace | Target::AgentEbpf => {
+            let agent = agent.map_err(|why| anyhow::anyhow!("{why}"))?;
+            let cgroup = if target == Target::AgentEbpf { Some(Cgroup::new(target.name())?) } else { None };
+            ready.datapath =
+                Some(start_agent(&mut ready.topology, work, agent, cgroup.as_ref().map(|c| c.0.as_path()))?);
+            ready.cgroup = cgroup;
+        }
+    }
+    check_answer(&ready)?;
+    Ok(ready)
+}
+
+impl Ready {
+    pub fn client(&self) -> Client<'_> {
+        Client { ns: &self.topology.node, host: self.host, cgroup: self.cgroup.as_ref().map(|c| c.0.as_path()) }
+    }
+}
+
+fn start_backends(topo: &mut Topology, work: &Path) -> Result<()> {
+    let conf = work.join("nginx.conf");
+    let mut text = String::new();
+    // One worker: the other core is the client's (and the proxy's, for the proxy targets).
+    writeln!(
+        text,
+        "worker_processes 1;\ndaemon off;\npid {0}/nginx.pid;\nerror_log {0}/nginx-error.log;",
+        work.display()
+    )?;
+    writeln!(text, "events {{ worker_connections 4096; }}")?;
+    writeln!(
+        text,
+        "http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {}/nginx-body;",
+        work.display()
+    )?;
+    writeln!(
+        text,
+        "  server {{\n    listen {HTTP_PORT} backlog=4096;\n    location / {{ return 200 \"{}\"; }}\n  }}\n}}",
+        BODY.escape_default()
+    )?;
+    std::fs::write(&conf, text)?;
+    let backend = topo.backend.clone();
+    let mut nginx = netns::exec(&backend, "nginx");
+    nginx.arg("-e").arg(work.join("nginx-error.log")).arg("-c").arg(&conf);
+    let log = work.join("nginx.log");
+    topo.spawn("nginx", nginx, &log)?;
+    topo.wait_listening(&backend, "nginx", HTTP_PORT, &log)?;
+
+    let mut iperf = netns::exec(&backend, "iperf3");
+    iperf.args(["-s", "-p", &IPERF_PORT.to_string()]);
+    let log = work.join("iperf3-server.log");
+    topo.spawn("iperf3 -s", iperf, &log)?;
+    topo.wait_listening(&backend, "iperf3 -s", IPERF_PORT, &log)
+}
+
+fn dnat(topo: &Topology) -> Result<()> {
+    // Locally generated packets are routed before OUTPUT's DNAT, so the VIP needs a route; there is no default.
+    cmd::output(Command::new("ip").args(["-n", &topo.node, "route", "add", &format!("{VIP}/32"), "dev", "veth0"]))?;
+    for port in [HTTP_PORT, IPERF_PORT] {
+        let to = format!("{BACKEND_IP}:{port}");
+        cmd::output(
+            netns::exec(&topo.node, "iptables").args(["-t", "nat", "-A", "OUTPUT", "-d", VIP, "-p", "tcp"]).args([
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to,
+            ]),
+        )
+        .context("iptables DNAT rule")?;
+    }
+    Ok(())
+}
+
+fn haproxy(topo: &mut Topology, work: &Path) -> Result<()> {
+    cmd::output(Command::new("ip").args(["-n", &topo.node, "addr", "add", &format!("{VIP}/32"), "dev", "lo"]))?;
+    let mut text = String::from(
+        "global\n  maxconn 4096\ndefaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  \
+         timeout client 60s\n  timeout server 60s\n",
+    );
+    for (name, port) in [("http", HTTP_PORT), ("iperf", IPERF_PORT)] {
+        writeln!(text, "listen {name}\n  bind {VIP}:{port}\n  server backend {BACKEND_IP}:{port}")?;
+    }
+    let conf = work.join("haproxy.cfg");
+    std::fs::write(&conf, text)?;
+    let node = topo.node.clone();
+    let mut haproxy = netns::exec(&node, "haproxy");
+    haproxy.arg("-db").arg("-f").arg(&conf);
+    let log = work.join("haproxy.log");
+    topo.spawn("haproxy", haproxy, &log)?;
+    topo.wait_listening(&node, "haproxy", IPERF_PORT, &log)
+}
+
+/// Runs the agent in the node namespace on a one-service catalog and waits for `/readyz`; returns its
+/// `/api/v1/datapath` answer.
+fn start_agent(topo: &mut Topology, work: &Path, agent: &Path, cgroup: Option<&Path>) -> Result<serde_json::Value> {
+    let catalog = work.join("catalog.yaml");
+    std::fs::write(&catalog, catalog_yaml())?;
+    let mode = if cgroup.is_some() { "ebpf" } else { "userspace" };
+    let state = work.join(format!("state-{mode}"));
+    let mut config = format!(
+        "nodeName: bench\nstateDir: {}\ndns:\n  enable: false\ncatalog:\n  files: [{}]\nadmin:\n  listen: {ADMIN}\n\
+         dataplane:\n  mode: {mode}\n",
+        state.display(),
+        catalog.display()
+    );
+    if let Some(cgroup) = cgroup {
+        writeln!(config, "  cgroupPath: {}", cgroup.display())?;
+    }
+    let config_path = work.join(format!("agent-{mode}.yaml"));
+    std::fs::write(&config_path, config)?;
+
+    let node = topo.node.clone();
+    let mut run = netns::exec(&node, agent);
+    run.arg("run").arg("--config").arg(&config_path).env("NO_COLOR", "1");
+    let log = work.join(format!("agent-{mode}.log"));
+    topo.spawn("mesh-agent", run, &log)?;
+    let url = format!("http://{ADMIN}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cmd::probe(netns::exec(&node, "curl").args(["-sf", "-m", "1", &format!("{url}/readyz")])).is_none() {
+        topo.check_alive("mesh-agent", &log)?;
+        if Instant::now() > deadline {
+            bail!("mesh-agent not ready after 15 s{}", log_tail(&log));
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let datapath = cmd::output(netns::exec(&node, "curl").args(["-sf", "-m", "2", &format!("{url}/api/v1/datapath")]))?;
+    let datapath: serde_json::Value = serde_json::from_str(&datapath).context("/api/v1/datapath is not JSON")?;
+    let got = datapath.get("mode").and_then(|m| m.as_str()).unwrap_or("?");
+    if got != mode {
+        bail!("mesh-agent runs the {got} data path, not {mode}: {}", datapath.get("why").unwrap_or(&datapath));
+    }
+    Ok(datapath)
+}
+
+fn catalog_yaml() -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: bench, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  \
+         ports:\n  - {{name: http, port: {HTTP_PORT}, targetPort: http}}\n  - {{name: iperf, port: {IPERF_PORT}, \
+         targetPort: iperf}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: bench-1\n  \
+         namespace: default\n  labels: {{kubernetes.io/service-name: bench}}\naddressType: IPv4\nports:\n  - {{name: \
+         http, port: {HTTP_PORT}}}\n  - {{name: iperf, port: {IPERF_PORT}}}\nendpoints:\n  - addresses: \
+         [{BACKEND_IP}]\n    nodeName: bench\n    conditions: {{ready: true}}\n"
+    )
+}
+
+/// One request through the target, from the client's namespace and cgroup, must reach the backend.
+fn check_answer(ready: &Ready) -> Result<()> {
+    let client = ready.client();
+    let url = format!("http://{}:{HTTP_PORT}/", client.host);
+    let mut curl = client.command(10, "curl");
+    curl.args(["-sS", "-m", "3", &url]);
+    let body = cmd::output(&mut curl).with_context(|| format!("no answer from {url}"))?;
+    if body != BODY {
+        bail!("{url} answered {body:?}, not the backend's {BODY:?}");
+    }
+    Ok(())
+}
