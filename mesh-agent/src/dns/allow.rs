@@ -19,9 +19,11 @@ impl AllowList {
         Self { nets }
     }
 
-    /// The default list, read from the node's interfaces now.
-    pub fn local() -> io::Result<Self> {
+    /// The default list, read from the node's interfaces now. `listen` is always in it: a query from the node to
+    /// that address comes from that address, and it may not be on edge0 yet when this runs.
+    pub fn local(listen: IpAddr) -> io::Result<Self> {
         let mut nets: Vec<IpNet> = vec!["127.0.0.0/8".parse().expect("valid"), "::1/128".parse().expect("valid")];
+        nets.push(IpNet::from(listen));
         for (interface, ip, prefix) in interface_addresses()? {
             let bridge = Path::new("/sys/class/net").join(&interface).join("bridge").exists();
             let prefix = if bridge { prefix } else { max_prefix(ip) };
@@ -29,9 +31,7 @@ impl AllowList {
                 nets.push(net.trunc());
             }
         }
-        nets.sort();
-        nets.dedup();
-        Ok(Self { nets })
+        Ok(Self { nets: IpNet::aggregate(&nets) })
     }
 
     pub fn allows(&self, ip: IpAddr) -> bool {
@@ -111,7 +111,8 @@ mod tests {
 
     #[test]
     fn local_list_holds_loopback_and_own_addresses() {
-        let list = AllowList::local().unwrap();
+        let list = AllowList::local("169.254.96.16".parse().unwrap()).unwrap();
+        assert!(list.allows("169.254.96.16".parse().unwrap()));
         assert!(list.allows("127.0.0.1".parse().unwrap()));
         assert!(list.allows("::1".parse().unwrap()));
         assert!(list.allows("::ffff:127.0.0.1".parse().unwrap()), "IPv4-mapped sources count as IPv4");

@@ -16,7 +16,8 @@ use tracing::{info, warn};
 
 use crate::config::{parse_upstream, DnsConfig};
 
-/// How long one upstream gets to answer; an upstream that is down costs a client this much before SERVFAIL.
+/// How long a forwarded query may take in all (the resolver retransmits over UDP within it, and tries every
+/// upstream); an upstream that is down costs a client this much before SERVFAIL, well below a stub's 5 s.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Answers kept; the least recently used go first.
 const CACHE_ENTRIES: u64 = 4096;
@@ -47,7 +48,8 @@ impl Forwarder {
             .collect();
         let mut options = ResolverOpts::default();
         options.timeout = UPSTREAM_TIMEOUT;
-        options.attempts = 1;
+        // no second round after the timeout: the client would have given up on us by then
+        options.attempts = 0;
         options.cache_size = CACHE_ENTRIES;
         options.positive_max_ttl = Some(MAX_POSITIVE_TTL);
         options.negative_max_ttl = Some(MAX_NEGATIVE_TTL);

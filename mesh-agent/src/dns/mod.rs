@@ -44,9 +44,9 @@ pub async fn start(
     let zone = Zone { domain: config.domain.clone(), ttl: config.ttl };
     let first = resolved.borrow_and_update().clone();
     let table = Arc::new(ArcSwap::from_pointee(Table::build(&first, &zone, serial())));
-    let default_allow = config.allow_from.is_empty();
+    let (listen, default_allow) = (config.listen.ip(), config.allow_from.is_empty());
     let allow = if default_allow {
-        AllowList::local().context("DNS: reading the node's addresses")?
+        AllowList::local(listen).context("DNS: reading the node's addresses")?
     } else {
         AllowList::new(config.allow_from.clone())
     };
@@ -79,7 +79,7 @@ pub async fn start(
                         Err(e) => warn!("DNS: building the table: {e}"),
                     }
                 }
-                _ = refresh.tick(), if default_allow => match AllowList::local() {
+                _ = refresh.tick(), if default_allow => match AllowList::local(listen) {
                     Ok(next) if **allow.load() != next => {
                         info!(allow = ?next.nets(), "DNS: allow list changed");
                         allow.store(Arc::new(next));

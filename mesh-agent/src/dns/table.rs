@@ -309,3 +309,157 @@ pub fn reverse_name(ip: IpAddr) -> Name {
     };
     Name::from_ascii(text).expect("a reverse name is a valid name")
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::catalog::{Catalog, Endpoint, EndpointPort, EndpointSet, Protocol, ServiceId, ServicePort, TargetPort};
+
+    fn service(namespace: &str, name: &str, cluster_ip: ClusterIp, endpoints: Vec<Endpoint>) -> Service {
+        Service {
+            id: ServiceId { namespace: namespace.into(), name: name.into() },
+            cluster_ip,
+            ports: vec![
+                ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    target_port: TargetPort::Number(8080),
+                },
+                ServicePort { name: "".into(), port: 81, protocol: Protocol::Tcp, target_port: TargetPort::Number(81) },
+                ServicePort {
+                    name: "dns".into(),
+                    port: 53,
+                    protocol: Protocol::Udp,
+                    target_port: TargetPort::Number(53),
+                },
+            ],
+            affinity: None,
+            endpoint_sets: vec![EndpointSet {
+                ports: vec![EndpointPort { name: "http".into(), port: 8080, protocol: Protocol::Tcp }],
+                endpoints,
+            }],
+        }
+    }
+
+    pub fn endpoint(ip: &str, ready: bool, hostname: Option<&str>) -> Endpoint {
+        Endpoint { ip: ip.parse().unwrap(), ready, node_name: None, hostname: hostname.map(Into::into) }
+    }
+
+    /// web (VIP 10.250.0.10), web6 (VIP fd00::a), db (headless: db-0 at 10.1.0.1, a nameless 10.1.0.2, an unready
+    /// 10.1.0.3), broken (no VIP), many (headless, 100 ready endpoints).
+    pub fn sample() -> Table {
+        let mut catalog = Catalog::default();
+        let mut vips = BTreeMap::new();
+        for (name, ip, eps) in [
+            ("web", ClusterIp::Auto, vec![endpoint("10.1.0.9", true, None)]),
+            ("web6", ClusterIp::Fixed("fd00::a".parse().unwrap()), vec![]),
+            ("broken", ClusterIp::Auto, vec![]),
+            (
+                "db",
+                ClusterIp::Headless,
+                vec![
+                    endpoint("10.1.0.1", true, Some("db-0")),
+                    endpoint("10.1.0.2", true, None),
+                    endpoint("10.1.0.3", false, Some("db-2")),
+                ],
+            ),
+            ("many", ClusterIp::Headless, (0..100).map(|i| endpoint(&format!("10.2.0.{i}"), true, None)).collect()),
+        ] {
+            let svc = service("default", name, ip, eps);
+            match name {
+                "web" => vips.insert(svc.id.clone(), "10.250.0.10".parse().unwrap()),
+                "web6" => vips.insert(svc.id.clone(), "fd00::a".parse().unwrap()),
+                _ => None,
+            };
+            catalog.services.insert(svc.id.clone(), svc);
+        }
+        let resolved = Resolved { catalog: Arc::new(catalog), vips };
+        Table::build(&resolved, &Zone { domain: "cluster.local".into(), ttl: 30 }, 7)
+    }
+
+    fn node<'t>(table: &'t Table, name: &str) -> Option<&'t Node> {
+        match table.lookup(&wire_name(&Name::from_ascii(name).unwrap())) {
+            Lookup::Node(node) => Some(node),
+            _ => None,
+        }
+    }
+
+    fn rdata(table: &Table, name: &str, rtype: RecordType) -> Vec<String> {
+        node(table, name)
+            .and_then(|n| n.rrset(rtype))
+            .map(|s| s.records.iter().map(|r| r.data.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn cluster_ip_service_records() {
+        let t = sample();
+        assert_eq!(rdata(&t, "web.default.svc.cluster.local.", RecordType::A), ["10.250.0.10"]);
+        assert_eq!(rdata(&t, "web6.default.svc.cluster.local.", RecordType::AAAA), ["fd00::a"]);
+        assert_eq!(
+            rdata(&t, "_http._tcp.web.default.svc.cluster.local.", RecordType::SRV),
+            ["0 100 80 web.default.svc.cluster.local."]
+        );
+        assert_eq!(
+            rdata(&t, "_dns._udp.web.default.svc.cluster.local.", RecordType::SRV),
+            ["0 100 53 web.default.svc.cluster.local."]
+        );
+        assert_eq!(rdata(&t, "10.0.250.10.in-addr.arpa.", RecordType::PTR), ["web.default.svc.cluster.local."]);
+        let v6 = reverse_name("fd00::a".parse().unwrap()).to_string();
+        assert!(v6.starts_with("a.0.0.0.") && v6.ends_with(".0.0.d.f.ip6.arpa."), "{v6}");
+        assert_eq!(rdata(&t, &v6, RecordType::PTR), ["web6.default.svc.cluster.local."]);
+        // endpoints of a ClusterIP service are not published
+        assert!(node(&t, "10-1-0-9.web.default.svc.cluster.local.").is_none());
+        // no VIP, no name
+        assert!(node(&t, "broken.default.svc.cluster.local.").is_none());
+    }
+
+    #[test]
+    fn headless_service_records() {
+        let t = sample();
+        assert_eq!(rdata(&t, "db.default.svc.cluster.local.", RecordType::A), ["10.1.0.1", "10.1.0.2"]);
+        assert_eq!(rdata(&t, "db-0.db.default.svc.cluster.local.", RecordType::A), ["10.1.0.1"]);
+        assert_eq!(rdata(&t, "10-1-0-2.db.default.svc.cluster.local.", RecordType::A), ["10.1.0.2"]);
+        assert!(node(&t, "db-2.db.default.svc.cluster.local.").is_none(), "unready endpoints are not published");
+        assert_eq!(
+            rdata(&t, "_http._tcp.db.default.svc.cluster.local.", RecordType::SRV),
+            ["0 100 8080 db-0.db.default.svc.cluster.local.", "0 100 8080 10-1-0-2.db.default.svc.cluster.local."]
+        );
+        // the endpoints have no `dns` port, so no SRV for it
+        assert!(node(&t, "_dns._udp.db.default.svc.cluster.local.").is_none());
+        assert_eq!(rdata(&t, "1.0.1.10.in-addr.arpa.", RecordType::PTR), ["db-0.db.default.svc.cluster.local."]);
+    }
+
+    #[test]
+    fn zone_records_and_empty_non_terminals() {
+        let t = sample();
+        assert_eq!(rdata(&t, "dns-version.cluster.local.", RecordType::TXT), ["1.1.0"]);
+        assert_eq!(
+            rdata(&t, "cluster.local.", RecordType::SOA),
+            ["ns.dns.cluster.local. hostmaster.cluster.local. 7 7200 1800 86400 30"]
+        );
+        for ent in ["svc.cluster.local.", "default.svc.cluster.local.", "_tcp.web.default.svc.cluster.local."] {
+            assert!(node(&t, ent).is_some_and(|n| n.rrsets.is_empty()), "{ent} is an empty non-terminal");
+        }
+        let lookup = |name: &str| t.lookup(&wire_name(&Name::from_ascii(name).unwrap()));
+        assert!(matches!(lookup("nope.default.svc.cluster.local."), Lookup::NxDomain));
+        assert!(matches!(lookup("WEB.Default.SVC.cluster.LOCAL."), Lookup::Node(_)), "case-insensitive");
+        assert!(matches!(lookup("example.com."), Lookup::Outside));
+        assert!(matches!(lookup("xcluster.local."), Lookup::Outside), "suffix match is per label");
+        assert!(matches!(lookup("9.9.9.9.in-addr.arpa."), Lookup::Outside), "unknown reverse names are forwarded");
+    }
+
+    #[test]
+    fn in_zone_checks_label_boundaries() {
+        let zone = wire_name(&Name::from_ascii("cluster.local.").unwrap());
+        let wire = |s: &str| wire_name(&Name::from_ascii(s).unwrap());
+        assert!(in_zone(&wire("cluster.local."), &zone));
+        assert!(in_zone(&wire("a.b.cluster.local."), &zone));
+        assert!(!in_zone(&wire("acluster.local."), &zone));
+        assert!(!in_zone(&wire("local."), &zone));
+    }
+}

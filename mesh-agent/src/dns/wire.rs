@@ -141,3 +141,141 @@ pub fn formerr(packet: &[u8]) -> Option<Vec<u8>> {
     out[4..].fill(0);
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use hickory_server::net::xfer::Protocol;
+    use hickory_server::proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_server::proto::rr::{Name, RecordType};
+    use hickory_server::server::Request;
+
+    use super::*;
+    use crate::dns::handle_packet;
+    use crate::dns::handler::zone_answer;
+    use crate::dns::table::tests::sample;
+
+    fn query(name: &str, rtype: RecordType, edns: bool) -> Vec<u8> {
+        let mut message = Message::new(0x1234, MessageType::Query, OpCode::Query);
+        message.metadata.recursion_desired = true;
+        message.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+        if edns {
+            let mut e = Edns::new();
+            e.set_max_payload(4096);
+            message.edns = Some(e);
+        }
+        message.to_vec().unwrap()
+    }
+
+    fn ask(table: &Table, packet: &[u8]) -> Message {
+        Message::from_vec(&handle_packet(table, packet).expect("an answer")).expect("a valid response")
+    }
+
+    fn fast(table: &Table, packet: &[u8]) -> Fast {
+        answer(table, packet, &mut Vec::new())
+    }
+
+    #[test]
+    fn hot_path_answers_match_the_table() {
+        let t = sample();
+        for (name, rtype) in [
+            ("web.default.svc.cluster.local.", RecordType::A),
+            ("web6.default.svc.cluster.local.", RecordType::AAAA),
+            ("_http._tcp.web.default.svc.cluster.local.", RecordType::SRV),
+            ("_http._tcp.db.default.svc.cluster.local.", RecordType::SRV),
+            ("db.default.svc.cluster.local.", RecordType::A),
+            ("10.0.250.10.in-addr.arpa.", RecordType::PTR),
+            ("dns-version.cluster.local.", RecordType::TXT),
+            ("cluster.local.", RecordType::SOA),
+        ] {
+            for edns in [false, true] {
+                let packet = query(name, rtype, edns);
+                assert_eq!(fast(&t, &packet), Fast::Reply, "{name} {rtype}");
+                let response = ask(&t, &packet);
+                assert_eq!(response.metadata.id, 0x1234);
+                assert!(response.metadata.authoritative && response.metadata.recursion_desired);
+                assert_eq!(response.metadata.response_code, ResponseCode::NoError);
+                assert_eq!(response.edns.is_some(), edns);
+                let request = Request::from_bytes(packet, ([127, 0, 0, 1], 9).into(), Protocol::Udp).unwrap();
+                let want = zone_answer(&t, &request).unwrap().answers;
+                let want: Vec<_> = want.into_iter().cloned().collect();
+                assert_eq!(response.answers, want, "{name} {rtype}");
+                assert!(!want.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn question_case_is_echoed() {
+        let t = sample();
+        let response = ask(&t, &query("WeB.default.svc.Cluster.Local.", RecordType::A, false));
+        assert_eq!(response.queries[0].name().to_string(), "WeB.default.svc.Cluster.Local.");
+        assert_eq!(response.answers.len(), 1);
+        assert_eq!(response.answers[0].data.to_string(), "10.250.0.10");
+    }
+
+    #[test]
+    fn negative_answers_carry_the_soa() {
+        let t = sample();
+        for (name, rtype, rcode) in [
+            ("nope.default.svc.cluster.local.", RecordType::A, ResponseCode::NXDomain),
+            ("web.default.svc.cluster.local.", RecordType::AAAA, ResponseCode::NoError),
+            ("default.svc.cluster.local.", RecordType::A, ResponseCode::NoError),
+            ("db-2.db.default.svc.cluster.local.", RecordType::A, ResponseCode::NXDomain),
+        ] {
+            let response = ask(&t, &query(name, rtype, true));
+            assert_eq!(response.metadata.response_code, rcode, "{name} {rtype}");
+            assert!(response.answers.is_empty());
+            assert_eq!(response.authorities.len(), 1);
+            assert_eq!(response.authorities[0].record_type(), RecordType::SOA);
+        }
+    }
+
+    #[test]
+    fn large_answers_truncate_over_udp() {
+        let t = sample();
+        let response = ask(&t, &query("many.default.svc.cluster.local.", RecordType::A, false));
+        assert!(response.metadata.truncation);
+        assert!(response.answers.is_empty());
+        let response = ask(&t, &query("many.default.svc.cluster.local.", RecordType::A, true));
+        assert!(response.metadata.truncation, "100 A records exceed 1232 bytes");
+    }
+
+    #[test]
+    fn other_shapes_take_hickorys_path() {
+        let t = sample();
+        assert_eq!(fast(&t, &query("example.com.", RecordType::A, false)), Fast::Slow);
+        assert_eq!(fast(&t, &query("web.default.svc.cluster.local.", RecordType::ANY, false)), Fast::Slow);
+        let any = ask(&t, &query("web.default.svc.cluster.local.", RecordType::ANY, false));
+        assert_eq!(any.answers.len(), 1);
+        assert!(handle_packet(&t, &query("example.com.", RecordType::A, false)).is_none(), "forwarded");
+        // a compressed question name: hickory parses it, and the answer is the same
+        let mut packet = query("web.default.svc.cluster.local.", RecordType::A, false);
+        packet[5] = 2; // two questions: the second a pointer to the first
+        packet.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        assert_eq!(fast(&t, &packet), Fast::Slow);
+    }
+
+    #[test]
+    fn malformed_packets_get_formerr_or_nothing() {
+        let t = sample();
+        let formerr = |packet: &[u8]| {
+            let response = Message::from_vec(&handle_packet(&t, packet).expect("FORMERR")).unwrap();
+            assert_eq!(response.metadata.response_code, ResponseCode::FormErr, "{packet:?}");
+        };
+        // a runt, and a response: no answer
+        assert!(handle_packet(&t, &[0x12, 0x34, 0x01]).is_none());
+        let mut response = query("web.default.svc.cluster.local.", RecordType::A, false);
+        response[2] |= 0x80;
+        assert!(handle_packet(&t, &response).is_none());
+        // a header promising a question that is not there
+        formerr(&[0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        // a question cut short
+        let whole = query("web.default.svc.cluster.local.", RecordType::A, false);
+        formerr(&whole[..whole.len() - 3]);
+        // a label length running past the end
+        formerr(&[0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 70, b'a', b'b', 0, 0, 1, 0, 1]);
+        // a compression pointer to itself, and two pointing at each other
+        formerr(&[0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1]);
+        formerr(&[0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 0xc0, 16, 0xc0, 12, 0, 1, 0, 1]);
+    }
+}
