@@ -1,0 +1,244 @@
+//! The userspace data path: a proxy listening on every VIP:port. TCP connections are spliced to a backend
+//! ([`tcp`], [`splice`]); UDP datagrams travel through per-client flows ([`udp`]). Used where the eBPF path is
+//! unavailable, and the reference the eBPF path's behaviour is compared with.
+//!
+//! A TCP frontend without backends has no listener at all, so clients get ECONNREFUSED from the kernel at once (a
+//! RST to their SYN) and the proxy spends nothing on them; a UDP frontend keeps its socket and counts the
+//! datagrams it drops, since UDP clients have no refusal to observe besides an ICMP error.
+
+mod splice;
+mod stats;
+mod tcp;
+#[cfg(test)]
+mod tests;
+mod udp;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Socket, Type};
+use tokio::runtime::Handle;
+use tokio::task::AbortHandle;
+
+use super::{Change, Datapath, DatapathStatus, FeatureStatus, Frontend, FrontendSpec};
+use crate::catalog::{Protocol, ServiceId};
+use crate::lb::Balancer;
+use splice::PipePool;
+use stats::{Counters, Selections};
+
+pub use stats::{BackendStats, FrontendStats};
+
+/// The proxy's registry of frontends: one listener (TCP) or socket (UDP) per VIP:port, plus what its tasks share.
+pub struct UserspaceDatapath {
+    spawner: Spawner,
+    frontends: BTreeMap<Frontend, Entry>,
+}
+
+impl UserspaceDatapath {
+    /// Must be called inside a tokio runtime: listeners and their tasks live on it.
+    pub fn new() -> Self {
+        Self::with_udp_idle_timeout(udp::IDLE_TIMEOUT)
+    }
+
+    fn with_udp_idle_timeout(udp_idle: Duration) -> Self {
+        let spawner = Spawner { runtime: Handle::current(), pipes: Arc::default(), udp_idle };
+        Self { spawner, frontends: BTreeMap::new() }
+    }
+
+    /// Counters of every frontend, in frontend order.
+    pub fn stats(&self) -> Vec<(Frontend, FrontendStats)> {
+        self.frontends.iter().map(|(frontend, entry)| (*frontend, entry.stats())).collect()
+    }
+
+    fn upsert(&mut self, frontend: Frontend, spec: &FrontendSpec) -> io::Result<()> {
+        let listen = frontend.protocol == Protocol::Udp || !spec.backends.is_empty();
+        if let Some(entry) = self.frontends.get_mut(&frontend) {
+            let route = Route::new(spec, Some(&entry.state.route.load()));
+            entry.state.route.store(Arc::new(route));
+            if !listen {
+                entry.server = None;
+            } else if entry.server.is_none() {
+                entry.server = Some(self.spawner.start(frontend, &entry.state)?);
+            }
+            return Ok(());
+        }
+        let route = ArcSwap::from_pointee(Route::new(spec, None));
+        let state = Arc::new(FrontendState { service: spec.service.clone(), route, counters: Counters::default() });
+        // A new frontend that cannot bind is left out, so the next upsert of it starts afresh.
+        let server = if listen { Some(self.spawner.start(frontend, &state)?) } else { None };
+        self.frontends.insert(frontend, Entry { state, server });
+        Ok(())
+    }
+}
+
+impl Default for UserspaceDatapath {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Datapath for UserspaceDatapath {
+    fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
+        // Sockets register with the runtime's reactor, and apply may be called from outside it.
+        let _runtime = self.spawner.runtime.enter();
+        let mut failed = Vec::new();
+        for change in changes {
+            match change {
+                Change::Upsert(frontend, spec) => {
+                    if let Err(e) = self.upsert(*frontend, spec) {
+                        failed.push(format!("{frontend} ({}): {e}", spec.service));
+                    }
+                }
+                Change::Remove(frontend) => {
+                    self.frontends.remove(frontend);
+                }
+            }
+        }
+        match failed.len() {
+            0 => Ok(()),
+            n => anyhow::bail!("{n} frontend(s) could not be bound: {}", failed.join("; ")),
+        }
+    }
+
+    fn status(&self) -> DatapathStatus {
+        let feature = |feature: &str, why: &str| FeatureStatus {
+            feature: feature.into(),
+            implementation: "userspace".into(),
+            why: why.into(),
+        };
+        DatapathStatus {
+            mode: "userspace".into(),
+            why: "proxy listening on every VIP:port".into(),
+            features: vec![
+                feature("tcp", "splice(2) proxy, backend chosen per connection"),
+                feature("udp", "per-client flows, backend chosen per flow"),
+            ],
+            programs: Vec::new(),
+            maps: BTreeMap::new(),
+            frontends: self.frontends.len(),
+        }
+    }
+}
+
+/// What spawning a frontend's server needs; apart from the frontend map so both can be borrowed at once.
+struct Spawner {
+    runtime: Handle,
+    pipes: Arc<PipePool>,
+    udp_idle: Duration,
+}
+
+impl Spawner {
+    fn start(&self, frontend: Frontend, state: &Arc<FrontendState>) -> io::Result<Server> {
+        let addr = SocketAddr::new(frontend.vip, frontend.port);
+        let state = Arc::clone(state);
+        Ok(match frontend.protocol {
+            Protocol::Tcp => {
+                let listener = Arc::new(tcp::Listener::bind(addr)?);
+                let task = self.runtime.spawn(tcp::serve(Arc::clone(&listener), state, Arc::clone(&self.pipes)));
+                Server { task: task.abort_handle(), listener: Some(listener) }
+            }
+            Protocol::Udp => {
+                let task = self.runtime.spawn(udp::serve(udp::bind(addr)?, state, self.udp_idle));
+                Server { task: task.abort_handle(), listener: None }
+            }
+        })
+    }
+}
+
+struct Entry {
+    state: Arc<FrontendState>,
+    /// `None` while a TCP frontend has no backends (or could not bind).
+    server: Option<Server>,
+}
+
+impl Entry {
+    fn stats(&self) -> FrontendStats {
+        let route = self.state.route.load();
+        let backends = route.selections.snapshot(route.backends());
+        self.state.counters.snapshot(self.state.service.clone(), self.server.is_some(), backends)
+    }
+}
+
+/// A frontend's socket and the task serving it. Dropping it stops both; established TCP connections run on tasks of
+/// their own and finish, UDP flows belong to the serving task and end with it.
+struct Server {
+    task: AbortHandle,
+    listener: Option<Arc<tcp::Listener>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(listener) = &self.listener {
+            listener.close();
+        }
+        self.task.abort();
+    }
+}
+
+/// What a frontend's serving tasks share with the registry. It lives as long as the frontend, across updates.
+struct FrontendState {
+    service: ServiceId,
+    /// Swapped whole on update; the accept path only loads it, without a lock.
+    route: ArcSwap<Route>,
+    counters: Counters,
+}
+
+/// A frontend's balancer and per-backend counters, for one backend set.
+struct Route {
+    balancer: Balancer,
+    selections: Selections,
+}
+
+impl Route {
+    /// Built from `previous` when there is one, so the round-robin cursor, affinity entries and counters carry over.
+    fn new(spec: &FrontendSpec, previous: Option<&Route>) -> Self {
+        let backends = Arc::clone(&spec.backends);
+        let balancer = match previous {
+            Some(previous) => previous.balancer.update(spec.policy, backends),
+            None => Balancer::new(spec.policy, backends),
+        };
+        let selections = Selections::new(&spec.backends, previous.map(|p| &p.selections));
+        Self { balancer, selections }
+    }
+
+    fn backends(&self) -> &[SocketAddr] {
+        self.balancer.backends()
+    }
+
+    fn pick(&self, client: IpAddr) -> Option<SocketAddr> {
+        let backend = self.balancer.pick(client)?;
+        self.selections.selected(backend);
+        Some(backend)
+    }
+
+    fn next_after(&self, client: IpAddr, failed: SocketAddr) -> Option<SocketAddr> {
+        let backend = self.balancer.next_after(client, failed)?;
+        self.selections.selected(backend);
+        Some(backend)
+    }
+
+    fn connect_failed(&self, backend: SocketAddr) {
+        self.selections.connect_failed(backend);
+    }
+}
+
+/// A non-blocking socket bound to `addr`. IP_FREEBIND: the VIP may land on edge0 only a moment after the frontend
+/// is applied. SO_REUSEADDR: a restarted agent must rebind despite connections of its predecessor in TIME_WAIT.
+fn bind(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), ty, None)?;
+    socket.set_reuse_address(true)?;
+    match addr {
+        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => {
+            socket.set_only_v6(true)?;
+            socket.set_freebind_v6(true)?;
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
