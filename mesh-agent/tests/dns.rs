@@ -286,3 +286,46 @@ fn malformed_packets_get_formerr_or_nothing() {
     // and the server is unharmed
     assert_eq!(dig(&ns, &["web.default.svc.cluster.local"]).rdata(), ["10.250.0.10"], "{}", agent.log());
 }
+
+/// Removes a directory on drop.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn managed_resolv_conf_points_apps_at_the_agent_and_is_restored() {
+    if !require_root("managed_resolv_conf_points_apps_at_the_agent_and_is_restored") {
+        return;
+    }
+    let ns = Netns::new("dns");
+    // `ip netns exec` mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf for what it runs: the agent's
+    // resolv.conf, and only this namespace's
+    let etc = std::path::PathBuf::from(format!("/etc/netns/{}", ns.name));
+    std::fs::create_dir_all(&etc).unwrap();
+    let _cleanup = RemoveDir(etc.clone());
+    let original = format!("nameserver {UPSTREAM}\nsearch example.test\n");
+    std::fs::write(etc.join("resolv.conf"), &original).unwrap();
+    let _upstream = Dnsmasq::start(&ns, UPSTREAM, &["--address=/example.test/192.0.2.1".into()]);
+    let mut agent =
+        Agent::start(&ns, &Options { extra: "dns: {manageResolvConf: true}", ..Options::default() }, CATALOG);
+
+    let written = std::fs::read_to_string(etc.join("resolv.conf")).unwrap();
+    assert!(written.contains("nameserver 169.254.96.16\n"), "{written}");
+    // glibc's resolver, as an app uses it: short names through the search list; other names forwarded to the
+    // nameserver the node had
+    let getent = |name: &str| {
+        let out = ns.command("getent").args(["hosts", name]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()
+    };
+    let found = wait_for(Duration::from_secs(5), || (getent("web.default") == "10.250.0.10").then_some(()));
+    assert!(found.is_some(), "web.default did not resolve; log:\n{}", agent.log());
+    assert_eq!(getent("web"), "10.250.0.10");
+    assert_eq!(getent("www"), "192.0.2.1", "the original search domain and nameserver still work");
+
+    agent.stop();
+    assert_eq!(std::fs::read_to_string(etc.join("resolv.conf")).unwrap(), original);
+}

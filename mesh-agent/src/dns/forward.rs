@@ -1,7 +1,7 @@
 //! Forwarding for names outside the cluster zone: hickory's forwarder (hickory-resolver underneath) asks the
 //! upstreams over UDP, retries over TCP when an answer comes back truncated, and caches answers for their TTL in a
-//! bounded cache. Upstreams come from `dns.upstreams` or, when that is empty, from /etc/resolv.conf — never the
-//! agent's own listen address, which would loop.
+//! bounded cache. Upstreams come from `dns.upstreams` or, when that is empty, from the node's original
+//! /etc/resolv.conf — never the agent's own listen address, which would loop.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -30,8 +30,9 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(config: &DnsConfig) -> Result<Self> {
-        let upstreams = upstreams(config)?;
+    /// `resolv_conf` is the node's original resolv.conf, whose nameservers are the upstreams when none are set.
+    pub fn new(config: &DnsConfig, resolv_conf: &str) -> Result<Self> {
+        let upstreams = upstreams(config, resolv_conf)?;
         if upstreams.is_empty() {
             warn!("DNS: no upstream nameserver; names outside {} get SERVFAIL", config.domain);
             return Ok(Self { catalog: None });
@@ -66,10 +67,9 @@ impl Forwarder {
     }
 }
 
-fn upstreams(config: &DnsConfig) -> Result<Vec<SocketAddr>> {
+fn upstreams(config: &DnsConfig, resolv_conf: &str) -> Result<Vec<SocketAddr>> {
     let listed = if config.upstreams.is_empty() {
-        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        resolv_conf_nameservers(&text)
+        resolv_conf_nameservers(resolv_conf)
     } else {
         config
             .upstreams
@@ -117,6 +117,9 @@ mod tests {
     fn own_address_is_never_an_upstream() {
         let config =
             DnsConfig { upstreams: vec!["169.254.96.16".into(), "127.0.0.53:5353".into()], ..DnsConfig::default() };
-        assert_eq!(upstreams(&config).unwrap(), vec!["127.0.0.53:5353".parse().unwrap()]);
+        assert_eq!(upstreams(&config, "").unwrap(), vec!["127.0.0.53:5353".parse().unwrap()]);
+        let config = DnsConfig::default();
+        let resolv_conf = "nameserver 169.254.96.16\nnameserver 127.0.0.53\n";
+        assert_eq!(upstreams(&config, resolv_conf).unwrap(), vec!["127.0.0.53:53".parse().unwrap()]);
     }
 }

@@ -11,10 +11,12 @@
 mod allow;
 mod forward;
 mod handler;
+mod resolv_conf;
 mod server;
 pub mod table;
 pub mod wire;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +29,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 pub use allow::AllowList;
+use resolv_conf::ResolvConf;
 pub use table::{Table, Zone};
 
 use crate::config::DnsConfig;
@@ -52,10 +55,18 @@ pub async fn start(
     };
     info!(allow = ?allow.nets(), "DNS: answering");
     let allow = Arc::new(ArcSwap::from_pointee(allow));
-    let forwarder = forward::Forwarder::new(config)?;
+    let resolv_conf_path = Path::new(resolv_conf::PATH);
+    // a node without resolv.conf has no upstreams: cluster names still work
+    let original = ResolvConf::original(resolv_conf_path).unwrap_or_default();
+    let forwarder = forward::Forwarder::new(config, &original)?;
     let handler = handler::Handler::new(Arc::clone(&table), Arc::clone(&allow), forwarder);
     let mut server = server::Server::bind(config.listen, handler)?;
     info!(listen = %config.listen, zone = %config.domain, "DNS: serving");
+    let managed = if config.manage_resolv_conf {
+        Some(ResolvConf::install(resolv_conf_path, config.listen, &config.domain)?)
+    } else {
+        None
+    };
 
     Ok(tokio::spawn(async move {
         let mut refresh = tokio::time::interval(ALLOW_REFRESH);
@@ -91,6 +102,11 @@ pub async fn start(
             }
         }
         server.shutdown().await;
+        if let Some(managed) = managed {
+            if let Err(e) = managed.restore() {
+                warn!("DNS: restoring {}: {e:#}", resolv_conf::PATH);
+            }
+        }
         info!("DNS: stopped");
     }))
 }

@@ -16,7 +16,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::handler::{encode_udp, Handler};
 use super::wire::{self, Fast};
@@ -118,7 +118,8 @@ async fn serve_udp(socket: Arc<UdpSocket>, handler: Handler, slow: Arc<Semaphore
             Fast::Drop => {}
             Fast::Slow => {
                 let Ok(permit) = Arc::clone(&slow).try_acquire_owned() else {
-                    warn!("DNS: {MAX_SLOW_IN_FLIGHT} queries in flight; dropping one from {src}");
+                    // debug, not warn: under a flood this line would be the flood
+                    debug!("DNS: {MAX_SLOW_IN_FLIGHT} queries in flight; dropping one from {src}");
                     continue;
                 };
                 let (packet, handler, socket) = (packet.to_vec(), handler.clone(), Arc::clone(&socket));
