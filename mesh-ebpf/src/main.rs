@@ -78,7 +78,7 @@ fn translate<const EXACT_RR: bool>(ctx: &SockAddrContext, msg_src: u32) -> Resul
     let addr = Addr::new(ctx);
     let Some(key) = addr.service_key() else { return Ok(()) };
     // SAFETY: a copy is taken; the agent replaces service entries whole.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }).copied() else { return Ok(()) };
+    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else { return Ok(()) };
     let backend = pick::pick::<EXACT_RR>(&svc, || addr.client(msg_src))?;
     addr.set(backend.addr, backend.port);
     nat::remember(&addr, &backend, &key);

@@ -14,9 +14,9 @@ pub fn remember(addr: &Addr, backend: &Backend, frontend: &ServiceKey) {
     let key = key(addr.socket_cookie(), backend);
     let value = RevNatValue { vip: frontend.vip, port: frontend.port, _pad: 0 };
     // SAFETY: a copy is read; a concurrent update at worst makes us write the same value again.
-    if unsafe { REV_NAT.get(&key) } != Some(&value) {
+    if unsafe { REV_NAT.get(key) } != Some(&value) {
         // An LRU map makes room by itself; failure only means getpeername shows the backend.
-        let _ = REV_NAT.insert(&key, &value, 0);
+        let _ = REV_NAT.insert(key, value, 0);
     }
 }
 
@@ -24,7 +24,7 @@ pub fn remember(addr: &Addr, backend: &Backend, frontend: &ServiceKey) {
 pub fn restore(addr: &Addr) {
     let key = key(addr.socket_cookie(), &addr.backend());
     // SAFETY: as above.
-    if let Some(frontend) = unsafe { REV_NAT.get(&key) } {
+    if let Some(frontend) = unsafe { REV_NAT.get(key) } {
         addr.set(frontend.vip, frontend.port);
     }
 }

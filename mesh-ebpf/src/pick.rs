@@ -30,7 +30,7 @@ pub fn pick<const EXACT_RR: bool>(svc: &ServiceValue, client: impl Fn() -> u64) 
     let now = if affinity { unsafe { bpf_ktime_get_ns() } } else { 0 };
     let affinity_key = AffinityKey { service: svc.id, _pad: 0, client };
     if affinity {
-        if let Some(entry) = AFFINITY.get_ptr_mut(&affinity_key) {
+        if let Some(entry) = AFFINITY.get_ptr_mut(affinity_key) {
             // SAFETY: a map value pointer, valid for this run; racing writers only store the same kind of data.
             let entry = unsafe { &mut *entry };
             if now.wrapping_sub(entry.last_ns) < svc.affinity_timeout_secs as u64 * 1_000_000_000 {
@@ -47,10 +47,10 @@ pub fn pick<const EXACT_RR: bool>(svc: &ServiceValue, client: impl Fn() -> u64) 
     };
     let key = BackendKey { service: svc.id, slot: slot as u16, generation: svc.generation, _pad: 0 };
     // SAFETY: a copy is taken; backends of the current generation are not rewritten while it is current.
-    let backend = *unsafe { BACKENDS.get(&key) }.ok_or(NoBackend)?;
+    let backend = *unsafe { BACKENDS.get(key) }.ok_or(NoBackend)?;
     if affinity {
         // An LRU map makes room by itself; failure only costs stickiness for this client.
-        let _ = AFFINITY.insert(&affinity_key, &AffinityValue { backend, last_ns: now }, 0);
+        let _ = AFFINITY.insert(affinity_key, AffinityValue { backend, last_ns: now }, 0);
     }
     Ok(backend)
 }
@@ -74,7 +74,7 @@ fn round_robin<const EXACT: bool>(svc: &ServiceValue) -> Result<u32, NoBackend> 
 
 fn maglev(svc: &ServiceValue, client: u64) -> Result<u32, NoBackend> {
     let key = MaglevKey { service: svc.id, generation: svc.generation, _pad: [0; 3] };
-    let table = MAGLEV.get_ptr(&key).ok_or(NoBackend)?;
+    let table = MAGLEV.get_ptr(key).ok_or(NoBackend)?;
     let index = client_hash(client) % MAGLEV_SIZE as u32;
     // LLVM turns the modulo into multiplications the verifier cannot bound; reading the index back through
     // memory keeps the bounds check below, which the verifier does understand.

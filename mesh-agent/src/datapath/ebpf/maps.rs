@@ -1,6 +1,8 @@
 //! Typed handles on the pinned maps, and their fill for the status page.
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aya::maps::{Array, HashMap, MapData, MapError, MapInfo};
@@ -23,7 +25,13 @@ pub struct Tables {
     pub rev_nat: Map<RevNatKey, RevNatValue>,
     /// max_entries as the kernel has them: a pinned map keeps the capacity it was created with.
     capacity: BTreeMap<&'static str, u32>,
+    /// The LRU maps' fill and when it was counted (see [`Tables::fill`]).
+    walked: Mutex<Option<(Instant, [usize; 2])>>,
 }
+
+/// The kernel keeps no entry count for hash maps, so the LRU maps are walked key by key (~65k syscalls when
+/// full); status pages may be polled often, so a count is reused for this long.
+const WALK_EVERY: Duration = Duration::from_secs(10);
 
 impl Tables {
     /// Takes the maps out of a loaded object. A pinned map left by an agent with another layout fails here,
@@ -42,6 +50,7 @@ impl Tables {
             affinity: typed(ebpf, pins, names::AFFINITY)?,
             rev_nat: typed(ebpf, pins, names::REV_NAT)?,
             capacity,
+            walked: Mutex::new(None),
         })
     }
 
@@ -50,14 +59,21 @@ impl Tables {
     }
 
     /// Map name → (entries, capacity). `written` gives the counts the agent keeps for the maps it writes;
-    /// the kernel-filled LRU maps are counted by walking them.
+    /// the kernel-filled LRU maps are counted by walking them, at most every [`WALK_EVERY`].
     pub fn fill(&self, written: [(&'static str, usize); 3]) -> BTreeMap<String, (usize, usize)> {
-        let walked = [(names::AFFINITY, self.affinity.keys().count()), (names::REV_NAT, self.rev_nat.keys().count())];
+        let mut walked = self.walked.lock().unwrap_or_else(|e| e.into_inner());
+        let [affinity, rev_nat] = match *walked {
+            Some((at, counts)) if at.elapsed() < WALK_EVERY => counts,
+            _ => {
+                let counts = [self.affinity.keys().count(), self.rev_nat.keys().count()];
+                *walked = Some((Instant::now(), counts));
+                counts
+            }
+        };
         let rr = (names::RR, self.capacity(names::RR) as usize);
         written
             .into_iter()
-            .chain(walked)
-            .chain([rr])
+            .chain([(names::AFFINITY, affinity), (names::REV_NAT, rev_nat), rr])
             .map(|(name, entries)| (name.to_string(), (entries, self.capacity(name) as usize)))
             .collect()
     }

@@ -16,6 +16,8 @@ mod pins;
 mod probe;
 mod programs;
 mod services;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 

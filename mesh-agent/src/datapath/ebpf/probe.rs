@@ -52,7 +52,11 @@ impl Probe {
 /// Asks the running kernel. Needs the privileges the agent runs with; without them every feature reads as
 /// unavailable, with the reason.
 pub fn probe() -> Probe {
-    let kernel = KernelVersion::current().map_or_else(|e| format!("unknown ({e})"), |v| v.to_string());
+    let version = KernelVersion::current();
+    if version.as_ref().is_ok_and(|v| *v < KernelVersion::new(5, 11, 0)) {
+        raise_memlock();
+    }
+    let kernel = version.map_or_else(|e| format!("unknown ({e})"), |v| v.to_string());
     let bpf = match load(ATTACH_CONNECT4, &[mov(0, 1), EXIT]) {
         Ok(()) => yes("bpf() loads programs"),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => {
@@ -97,6 +101,16 @@ pub fn probe() -> Probe {
             )),
         };
     Probe { kernel, bpf, btf, ringbuf, connect4, sendmsg4, recvmsg4, getpeername4, atomic_fetch, set_retval }
+}
+
+/// Before 5.11 BPF memory counts against RLIMIT_MEMLOCK, where pinned maps of a previous agent already use up
+/// the default 64 KiB and every load fails with EPERM. aya raises it on its first EPERM; the probe comes first.
+fn raise_memlock() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: a valid rlimit for the duration of the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::warn!("raising RLIMIT_MEMLOCK: {}", io::Error::last_os_error());
+    }
 }
 
 fn yes(why: impl Into<String>) -> Feature {

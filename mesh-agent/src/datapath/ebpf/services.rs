@@ -101,18 +101,18 @@ impl Services {
         let old = self.entries.get(&key).cloned();
         let (id, generation) = match &old {
             Some(e) => (e.value.id, e.value.generation ^ 1),
-            None => {
-                let id = self.free_ids.pop().with_context(|| {
-                    format!("the service map is full ({} frontends, from maxServices)", self.entries.len())
-                })?;
-                // A fresh id starts round robin at the first backend, as a new userspace balancer does.
-                if let Err(e) = tables.rr.set(id, 0, 0) {
-                    self.free_ids.push(id);
-                    return Err(e).context("resetting the round-robin counter");
-                }
-                (id, 0)
-            }
+            None => (self.free_ids.pop().context("the service map is full (see maxServices)")?, 0),
         };
+        // Round robin starts at the first backend for a new frontend or a new strategy, as a new userspace
+        // balancer does; otherwise it continues across backend changes.
+        if old.as_ref().is_none_or(|e| e.value.strategy != strategy) {
+            if let Err(e) = tables.rr.set(id, 0, 0) {
+                if old.is_none() {
+                    self.free_ids.push(id);
+                }
+                return Err(e).context("resetting the round-robin counter");
+            }
+        }
         let mut entry = old.clone().unwrap_or(Entry {
             value: ServiceValue::default(),
             backends: Vec::new(),
