@@ -60,8 +60,8 @@ pub async fn run(config: Config) -> Result<()> {
     wait_for_signal().await?;
     info!("shutting down");
     let _ = shutdown_tx.send(true);
-    // Dropping the reconciler closes the data path and removes edge0 with its addresses.
-    drop(reconciling.await.context("reconciler task")?);
+    // The data path detaches (unless told to stay); dropping the rest removes edge0 with its addresses.
+    reconciling.await.context("reconciler task")?.shutdown();
     if let Some(dns) = dns {
         let _ = dns.await;
     }

@@ -124,12 +124,31 @@ pub enum DataplaneMode {
     Userspace,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct DataplaneConfig {
     pub mode: DataplaneMode,
     /// Empty: the cgroup2 root found in /proc/mounts.
     pub cgroup_path: PathBuf,
+    /// Leave the eBPF programs attached and maps pinned when the agent exits, so service continues until the next
+    /// agent adopts them (an upgrade without interruption).
+    pub keep_on_exit: bool,
+    /// Capacity of the eBPF maps: VIP:port frontends, and backends over all frontends. Fixed when the maps are
+    /// first created; pinned maps keep theirs.
+    pub max_services: u32,
+    pub max_backends: u32,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self {
+            mode: DataplaneMode::Auto,
+            cgroup_path: PathBuf::new(),
+            keep_on_exit: false,
+            max_services: 16_384,
+            max_backends: 65_536,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -269,6 +288,9 @@ impl Config {
         let server = &self.catalog.kubernetes.server;
         if !server.is_empty() {
             check_server_url(server).context("field `catalog.kubernetes.server`")?;
+        }
+        if self.dataplane.max_services == 0 || self.dataplane.max_backends == 0 {
+            bail!("field `dataplane.maxServices`/`dataplane.maxBackends`: must be at least 1");
         }
         if self.tunnel.enable {
             bail!("field `tunnel.enable`: the node-to-node tunnel is not available in this release");

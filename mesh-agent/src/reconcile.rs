@@ -81,9 +81,16 @@ impl Reconciler {
         }
     }
 
+    /// Stops the data path as configured; edge0 and its addresses go when the device drops.
+    pub fn shutdown(self) {
+        self.datapath.shutdown();
+    }
+
     /// Brings every consumer to `catalog`. Failures of one part are logged and do not stop the others.
     pub async fn apply(&mut self, catalog: &Arc<Catalog>) {
         let started = Instant::now();
+        // Read before applying: a catalog built before every source had loaded must not count as complete.
+        let complete = self.view.catalog_source.synced();
         let assignment = match self.ipam.assign(catalog) {
             Ok(a) => a,
             Err(e) => {
@@ -112,6 +119,9 @@ impl Reconciler {
             error!("data path: {e:#}");
         }
         self.frontends = frontends;
+        if complete {
+            self.datapath.catalog_applied();
+        }
         self.view.publish(ServiceView::all(catalog, &assignment), self.datapath.status());
         self.resolved.send_replace(Arc::new(Resolved { catalog: Arc::clone(catalog), vips: assignment.vips }));
         if !changes.is_empty() {

@@ -3,7 +3,10 @@
 //! same diffs.
 
 pub mod ebpf;
+mod split;
 pub mod userspace;
+
+pub use split::start;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -12,7 +15,6 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Protocol, ServiceId};
-use crate::config::{Config, DataplaneMode};
 use crate::lb::Policy;
 
 /// What a client connects to: a service VIP, port and protocol.
@@ -82,21 +84,15 @@ pub struct FeatureStatus {
     pub why: String,
 }
 
-/// Starts the data path `dataplane.mode` asks for.
-pub fn start(config: &Config) -> anyhow::Result<Box<dyn Datapath>> {
-    match config.dataplane.mode {
-        DataplaneMode::Userspace | DataplaneMode::Auto => Ok(Box::new(userspace::UserspaceDatapath::new())),
-        DataplaneMode::Ebpf => {
-            anyhow::bail!("dataplane.mode ebpf: this build has no eBPF data path")
-        }
-    }
-}
-
 /// A data path implementation. `apply` gets every change once, in order; a frontend that cannot be programmed is
 /// reported in the error and the others still take effect.
 pub trait Datapath: Send {
     fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()>;
     fn status(&self) -> DatapathStatus;
+    /// The first whole catalog has been applied: state left by a previous agent that it did not confirm can go.
+    fn catalog_applied(&mut self) {}
+    /// Stops serving: detaches what the agent attached, unless configured to leave it in place.
+    fn shutdown(self: Box<Self>) {}
 }
 
 #[cfg(test)]
