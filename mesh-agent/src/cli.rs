@@ -49,6 +49,14 @@ pub enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// List the endpoints of one service (`NAME` or `NAMESPACE/NAME`; the namespace defaults to `default`).
+    Endpoints {
+        service: String,
+        #[arg(long, default_value = "127.0.0.1:9099", env = "MESH_AGENT_ADMIN")]
+        admin: SocketAddr,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Show the agent's state: data path mode and why, catalog state, counts.
     Status {
         #[arg(long, default_value = "127.0.0.1:9099", env = "MESH_AGENT_ADMIN")]

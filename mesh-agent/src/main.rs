@@ -37,6 +37,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Services { admin, output } => render::services(admin, output),
+        Command::Endpoints { service, admin, output } => render::endpoints(admin, &service, output),
         Command::Status { admin, output } => render::status(admin, output),
         Command::Version => {
             println!("mesh-agent {}", env!("CARGO_PKG_VERSION"));

@@ -37,6 +37,34 @@ pub fn services(admin: SocketAddr, output: Output) -> Result<()> {
     Ok(())
 }
 
+pub fn endpoints(admin: SocketAddr, service: &str, output: Output) -> Result<()> {
+    let (namespace, name) = service.split_once('/').unwrap_or(("default", service));
+    let services: Vec<ServiceView> = client::get_json(admin, "/api/v1/services")?;
+    let Some(svc) = services.into_iter().find(|s| s.namespace == namespace && s.name == name) else {
+        anyhow::bail!("service {namespace}/{name} is not in the agent's catalog");
+    };
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(&svc.endpoints)?);
+        return Ok(());
+    }
+    let rows: Vec<[String; 5]> = svc
+        .endpoints
+        .iter()
+        .map(|e| {
+            let ports: Vec<String> = e.ports.iter().map(u16::to_string).collect();
+            [
+                e.ip.to_string(),
+                if ports.is_empty() { "<none>".into() } else { ports.join(",") },
+                e.node.clone().unwrap_or_else(|| "<none>".into()),
+                e.hostname.clone().unwrap_or_else(|| "<none>".into()),
+                e.ready.to_string(),
+            ]
+        })
+        .collect();
+    print_table(["IP", "PORT(S)", "NODE", "HOSTNAME", "READY"], &rows);
+    Ok(())
+}
+
 pub fn status(admin: SocketAddr, output: Output) -> Result<()> {
     let status: Status = client::get_json(admin, "/api/v1/status")?;
     if let Output::Json = output {

@@ -231,3 +231,30 @@ fn edge0_holds_the_vips_and_goes_on_exit() {
     let gone = t.node.command("ip").args(["link", "show", "edge0"]).output().unwrap();
     assert!(!gone.status.success(), "edge0 removed on exit");
 }
+
+#[test]
+fn cli_shows_services_endpoints_and_status() {
+    if !require_root("cli_shows_services_endpoints_and_status") {
+        return;
+    }
+    let t = Topology::new();
+    let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
+    let _agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a, b]));
+    let run = |args: &[&str]| {
+        let out = t.node.command(env!("CARGO_BIN_EXE_mesh-agent")).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let services = run(&["services"]);
+    assert!(services.contains("NAMESPACE") && services.contains("web") && services.contains(VIP), "{services}");
+    assert!(services.contains("80/TCP,53/UDP") && services.contains("2/2"), "{services}");
+    let json: serde_json::Value = serde_json::from_str(&run(&["services", "-o", "json"])).unwrap();
+    assert_eq!(json[0]["vip"], VIP);
+    let endpoints = run(&["endpoints", "web"]);
+    assert!(endpoints.contains(BACKEND_IPS[0]) && endpoints.contains(BACKEND_IPS[1]), "{endpoints}");
+    let status = run(&["status"]);
+    assert!(status.contains("ready:     true") && status.contains("datapath:  userspace"), "{status}");
+    let missing = t.node.command(env!("CARGO_BIN_EXE_mesh-agent")).args(["endpoints", "nope"]).output().unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("default/nope"));
+}
