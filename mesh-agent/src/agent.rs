@@ -14,6 +14,7 @@ use crate::catalog::{self, SourceState};
 use crate::config::Config;
 use crate::datapath;
 use crate::device::Device;
+use crate::health::Health;
 use crate::ipam::Ipam;
 use crate::metrics::Metrics;
 use crate::reconcile::Reconciler;
@@ -47,8 +48,9 @@ pub async fn run(config: Config) -> Result<()> {
     let dns_address: BTreeSet<_> = config.dns.enable.then_some(config.dns.listen.ip()).into_iter().collect();
     let ipam = Ipam::load(config.device.vip_pool, dns_address.iter().copied().collect(), &config.state_dir);
     let datapath = datapath::start(&config).context("starting the data path")?;
+    let health = Health::spawn(config.health.clone());
     let reconciler =
-        Reconciler::new(ipam, device, datapath, dns_address, config.load_balancer.strategy, Arc::clone(&view));
+        Reconciler::new(ipam, device, datapath, dns_address, config.load_balancer.strategy, Arc::clone(&view), health);
     let resolved = reconciler.subscribe();
     let dns = if config.dns.enable {
         Some(crate::dns::start(&config.dns, resolved, shutdown_rx.clone()).await?)

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use crate::health::HealthConfig;
 use crate::lb::Strategy;
 
 /// The default config, embedded so `mesh-agent run` works with no file at all.
@@ -23,6 +24,7 @@ pub struct Config {
     pub catalog: CatalogConfig,
     pub dataplane: DataplaneConfig,
     pub load_balancer: LoadBalancerConfig,
+    pub health: HealthConfig,
     pub tunnel: TunnelConfig,
     pub gateway: GatewayConfig,
     pub admin: AdminConfig,
@@ -38,6 +40,7 @@ impl Default for Config {
             catalog: CatalogConfig::default(),
             dataplane: DataplaneConfig::default(),
             load_balancer: LoadBalancerConfig::default(),
+            health: HealthConfig::default(),
             tunnel: TunnelConfig::default(),
             gateway: GatewayConfig::default(),
             admin: AdminConfig::default(),
@@ -291,6 +294,10 @@ impl Config {
         }
         if self.dataplane.max_services == 0 || self.dataplane.max_backends == 0 {
             bail!("field `dataplane.maxServices`/`dataplane.maxBackends`: must be at least 1");
+        }
+        let h = &self.health;
+        if h.interval.is_zero() || h.timeout.is_zero() || h.unhealthy_threshold == 0 || h.healthy_threshold == 0 {
+            bail!("field `health`: interval, timeout and thresholds must be positive");
         }
         if self.tunnel.enable {
             bail!("field `tunnel.enable`: the node-to-node tunnel is not available in this release");

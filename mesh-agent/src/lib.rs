@@ -11,6 +11,7 @@ pub mod config;
 pub mod datapath;
 pub mod device;
 pub mod dns;
+pub mod health;
 pub mod ipam;
 pub mod lb;
 pub mod metrics;

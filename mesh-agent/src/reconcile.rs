@@ -11,6 +11,7 @@ use tracing::{debug, error, info, warn};
 use crate::catalog::{Catalog, ClusterIp, ServiceId};
 use crate::datapath::{self, Datapath, Frontend, FrontendSpec, Frontends};
 use crate::device::Device;
+use crate::health::Health;
 use crate::ipam::{Assignment, Ipam};
 use crate::lb::{Policy, Strategy};
 use crate::view::{ServiceView, View};
@@ -33,6 +34,7 @@ pub struct Reconciler {
     pub extra_addresses: BTreeSet<IpAddr>,
     pub strategy: Strategy,
     pub view: Arc<View>,
+    health: Health,
     resolved: watch::Sender<Arc<Resolved>>,
     frontends: Frontends,
 }
@@ -45,9 +47,11 @@ impl Reconciler {
         extra_addresses: BTreeSet<IpAddr>,
         strategy: Strategy,
         view: Arc<View>,
+        health: Health,
     ) -> Self {
         let (resolved, _) = watch::channel(Arc::default());
-        Self { ipam, device, datapath, extra_addresses, strategy, view, resolved, frontends: Frontends::new() }
+        let frontends = Frontends::new();
+        Self { ipam, device, datapath, extra_addresses, strategy, view, health, resolved, frontends }
     }
 
     /// Follows every applied catalog with its VIPs.
@@ -64,6 +68,7 @@ impl Reconciler {
     ) -> Self {
         let mut current = catalogs.borrow_and_update().clone();
         self.apply(&current).await;
+        let mut unhealthy = self.health.unhealthy();
         let mut tick = tokio::time::interval(DEVICE_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -75,6 +80,7 @@ impl Reconciler {
                     current = catalogs.borrow_and_update().clone();
                     self.apply(&current).await;
                 }
+                _ = unhealthy.changed() => self.apply(&current).await,
                 _ = tick.tick() => self.check_device(&current).await,
                 _ = shutdown.changed() => return self,
             }
@@ -101,7 +107,10 @@ impl Reconciler {
         for (id, e) in &assignment.errors {
             warn!(service = %id, "no VIP: {e}");
         }
-        let frontends = frontends(catalog, &assignment, self.strategy);
+        let mut frontends = frontends(catalog, &assignment, self.strategy);
+        self.health.check(frontends.values().flat_map(|spec| spec.backends.iter().copied()).collect());
+        let unhealthy = Arc::clone(&self.health.unhealthy().borrow());
+        without_unhealthy(&mut frontends, &unhealthy);
         let changes = datapath::diff(&self.frontends, &frontends);
         let removals: Vec<_> = changes.iter().filter(|c| matches!(c, datapath::Change::Remove(_))).cloned().collect();
         let upserts: Vec<_> = changes.iter().filter(|c| matches!(c, datapath::Change::Upsert(..))).cloned().collect();
@@ -122,7 +131,7 @@ impl Reconciler {
         if complete {
             self.datapath.catalog_applied();
         }
-        self.view.publish(ServiceView::all(catalog, &assignment), self.datapath.status());
+        self.view.publish(ServiceView::all(catalog, &assignment, &unhealthy), self.datapath.status());
         self.resolved.send_replace(Arc::new(Resolved { catalog: Arc::clone(catalog), vips: assignment.vips }));
         if !changes.is_empty() {
             info!(changes = changes.len(), frontends = self.frontends.len(), took = ?started.elapsed(), "catalog applied");
@@ -147,6 +156,20 @@ impl Reconciler {
                 self.apply(catalog).await;
             }
             Err(e) => error!("{e:#}"),
+        }
+    }
+}
+
+/// Takes unhealthy backends out of rotation. A frontend whose backends are all unhealthy keeps them all: a
+/// failing health check then costs nothing, and the proxy's retries still find a backend that answers.
+fn without_unhealthy(frontends: &mut Frontends, unhealthy: &BTreeSet<SocketAddr>) {
+    if unhealthy.is_empty() {
+        return;
+    }
+    for spec in frontends.values_mut() {
+        let healthy: Arc<[SocketAddr]> = spec.backends.iter().filter(|b| !unhealthy.contains(b)).copied().collect();
+        if !healthy.is_empty() && healthy.len() < spec.backends.len() {
+            spec.backends = healthy;
         }
     }
 }

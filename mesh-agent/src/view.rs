@@ -1,6 +1,7 @@
 //! What the agent shows about itself: the read model the reconciler publishes and the admin API serves.
 
-use std::net::IpAddr;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -45,10 +46,17 @@ pub struct EndpointView {
     pub node: Option<String>,
     pub hostname: Option<String>,
     pub ready: bool,
+    /// False while health checks hold the endpoint out of rotation.
+    #[serde(default = "yes")]
+    pub healthy: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ServiceView {
-    pub fn all(catalog: &Catalog, assignment: &Assignment) -> Vec<ServiceView> {
+    pub fn all(catalog: &Catalog, assignment: &Assignment, unhealthy: &BTreeSet<SocketAddr>) -> Vec<ServiceView> {
         catalog
             .services
             .iter()
@@ -79,6 +87,7 @@ impl ServiceView {
                         let ports: Vec<u16> = set.ports.iter().map(|p| p.port).collect();
                         set.endpoints.iter().map(move |e| EndpointView {
                             ip: e.ip,
+                            healthy: !ports.iter().any(|p| unhealthy.contains(&SocketAddr::new(e.ip, *p))),
                             ports: ports.clone(),
                             node: e.node_name.clone(),
                             hostname: e.hostname.clone(),

@@ -258,3 +258,34 @@ fn cli_shows_services_endpoints_and_status() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("default/nope"));
 }
+
+/// The health of `ip` as the admin API shows it.
+fn endpoint_healthy(agent: &Agent, ip: &str) -> Option<bool> {
+    let services = agent.services();
+    let endpoints = services[0]["endpoints"].as_array()?.clone();
+    endpoints.iter().find(|e| e["ip"] == ip)?["healthy"].as_bool()
+}
+
+#[test]
+fn dead_backend_leaves_rotation_and_returns() {
+    if !require_root("dead_backend_leaves_rotation_and_returns") {
+        return;
+    }
+    let t = Topology::new();
+    let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
+    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let bb = HttpBackend::start(&t.backends, "b", b);
+    let agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a, b]));
+    drop(bb);
+    let out =
+        wait_for(Duration::from_secs(2), || (endpoint_healthy(&agent, BACKEND_IPS[1]) == Some(false)).then_some(()));
+    assert!(out.is_some(), "dead backend still in rotation after 2 s: {}", agent.services());
+    assert_eq!(get_many(&t, vip(80), 4), ["a", "a", "a", "a"]);
+    let bb = HttpBackend::start(&t.backends, "b", b);
+    let back =
+        wait_for(Duration::from_secs(5), || (endpoint_healthy(&agent, BACKEND_IPS[1]) == Some(true)).then_some(()));
+    assert!(back.is_some(), "revived backend not back in rotation");
+    let answers = get_many(&t, vip(80), 4);
+    assert!(answers.contains(&"b".to_owned()), "{answers:?}");
+    drop(bb);
+}

@@ -14,6 +14,8 @@ pub struct HttpBackend {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    /// Joined on drop, so the port is closed (and free to bind again) when drop returns.
+    acceptor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl HttpBackend {
@@ -22,7 +24,7 @@ impl HttpBackend {
         let (h, s, body) = (Arc::clone(&hits), Arc::clone(&stop), name.to_owned());
         let listener = ns.run(move || TcpListener::bind(addr).expect("binding backend"));
         listener.set_nonblocking(true).unwrap();
-        std::thread::spawn(move || {
+        let acceptor = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
@@ -34,13 +36,16 @@ impl HttpBackend {
                 }
             }
         });
-        Self { name: name.into(), addr, hits, stop }
+        Self { name: name.into(), addr, hits, stop, acceptor: Some(acceptor) }
     }
 }
 
 impl Drop for HttpBackend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
     }
 }
 
