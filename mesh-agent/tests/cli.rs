@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use serde::Deserialize;
+
 fn mesh_agent(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mesh-agent")).args(args).output().expect("running mesh-agent");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
@@ -42,4 +44,22 @@ fn client_commands_say_when_no_agent_runs() {
 fn version_prints() {
     let (ok, stdout, _) = mesh_agent(&["version"]);
     assert!(ok && stdout.starts_with("mesh-agent "), "{stdout}");
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    // The DaemonSet's ConfigMap carries a config; it must pass the same check as a file.
+    let manifests = std::fs::read_to_string(root.join("deploy/kubernetes/daemonset.yaml")).unwrap();
+    let config_map = serde_yaml::Deserializer::from_str(&manifests)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "ConfigMap")
+        .expect("a ConfigMap");
+    let daemonset_config = dir.path().join("daemonset-config.yaml");
+    std::fs::write(&daemonset_config, config_map["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    for path in [root.join("examples/config.yaml"), daemonset_config] {
+        let (ok, _, stderr) = mesh_agent(&["check-config", "--config", path.to_str().unwrap()]);
+        assert!(ok, "{}: {stderr}", path.display());
+    }
 }
