@@ -43,6 +43,8 @@ impl Listener {
     /// Must run inside the runtime (the socket registers with its reactor).
     pub fn bind(addr: SocketAddr) -> io::Result<Self> {
         let socket = super::bind(addr, Type::STREAM)?;
+        // Accepted sockets inherit it: one setsockopt per listener instead of one per connection.
+        socket.set_tcp_nodelay(true)?;
         socket.listen(BACKLOG)?;
         Ok(Self(Mutex::new(Some(TcpListener::from_std(socket.into())?))))
     }
@@ -87,8 +89,9 @@ async fn handle(client: TcpStream, peer: IpAddr, frontend: Arc<FrontendState>, p
         reset(&client);
         return;
     };
-    // Small writes (requests, acks of a protocol) must leave at once: the proxy adds no batching of its own.
-    if let Err(e) = client.set_nodelay(true).and_then(|()| backend.set_nodelay(true)) {
+    // Small writes (requests, a protocol's acks) must leave at once: the proxy adds no batching of its own. The
+    // client side has TCP_NODELAY from the listener.
+    if let Err(e) = backend.set_nodelay(true) {
         debug!(error = %e, "TCP_NODELAY");
     }
     if let Err(e) = splice::proxy(&client, &backend, &pool, counters).await {
