@@ -5,6 +5,10 @@
 //! two splices plus a pipe, bulk transfers never enter userspace. Pipes come from a bounded pool, so a new
 //! connection does not pay for pipe creation and sizing (DESIGN.md: fresh pipes per connection cost 20-30% of
 //! haproxy's req/s and conn/s).
+//!
+//! Proxy CPU measured on loopback (wrk, iperf3, nginx backend) in the same run as haproxy with splice-auto: per
+//! keep-alive request 10.5-10.9 µs (haproxy 10.2-10.7), per new connection 61-64 µs (57-61), per MB 215-231 µs
+//! (232-570). Always splicing with fresh pipes took 12.3-12.9 µs and 76-81 µs.
 
 use std::io;
 use std::net::Shutdown;
@@ -73,7 +77,8 @@ async fn copy(from: &TcpStream, to: &TcpStream, bytes: &AtomicU64) -> io::Result
             let mut got = 0;
             // A short read took everything there was, so it reports WouldBlock to have tokio clear the readiness
             // now, saving the read that would only return EAGAIN (one syscall per message, as haproxy does). Safe:
-            // tokio clears only if no readiness event arrived since the read began, so new data still wakes us.
+            // tokio clears only if no readiness event arrived since it checked readiness before the read, so data
+            // arriving after the read still wakes us.
             let read = from.try_io(Interest::READABLE, || {
                 got = recv(from.as_raw_fd(), &mut buf)?;
                 if got > 0 && got < COPY_BUF {
