@@ -24,6 +24,7 @@ use crate::{admin, state_file};
 pub async fn run(config: Config) -> Result<()> {
     info!(node = %config.node_name, version = env!("CARGO_PKG_VERSION"), "starting");
     state_file::ensure_dir(&config.state_dir)?;
+    raise_fd_limit();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let source_state = Arc::new(SourceState::default());
@@ -47,8 +48,10 @@ pub async fn run(config: Config) -> Result<()> {
     let device = Device::create(&config.device.name).await?;
     let dns_address: BTreeSet<_> = config.dns.enable.then_some(config.dns.listen.ip()).into_iter().collect();
     let ipam = Ipam::load(config.device.vip_pool, dns_address.iter().copied().collect(), &config.state_dir);
-    let datapath = datapath::start(&config).context("starting the data path")?;
     let health = Health::spawn(config.health.clone());
+    let reporter = health.clone();
+    let failures = Arc::new(move |backend| reporter.report_failure(backend));
+    let datapath = datapath::start(&config, failures).context("starting the data path")?;
     let reconciler =
         Reconciler::new(ipam, device, datapath, dns_address, config.load_balancer.strategy, Arc::clone(&view), health);
     let resolved = reconciler.subscribe();
@@ -70,6 +73,18 @@ pub async fn run(config: Config) -> Result<()> {
     let _ = admin.await;
     info!("stopped");
     Ok(())
+}
+
+/// Every proxied connection holds two to six descriptors: lift the soft limit to the hard one.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 async fn wait_for_signal() -> Result<()> {

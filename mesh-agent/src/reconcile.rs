@@ -37,6 +37,8 @@ pub struct Reconciler {
     health: Health,
     resolved: watch::Sender<Arc<Resolved>>,
     frontends: Frontends,
+    /// Some frontends failed to apply: try again at the next tick.
+    retry: bool,
 }
 
 impl Reconciler {
@@ -51,7 +53,7 @@ impl Reconciler {
     ) -> Self {
         let (resolved, _) = watch::channel(Arc::default());
         let frontends = Frontends::new();
-        Self { ipam, device, datapath, extra_addresses, strategy, view, health, resolved, frontends }
+        Self { ipam, device, datapath, extra_addresses, strategy, view, health, resolved, frontends, retry: false }
     }
 
     /// Follows every applied catalog with its VIPs.
@@ -81,7 +83,12 @@ impl Reconciler {
                     self.apply(&current).await;
                 }
                 _ = unhealthy.changed() => self.apply(&current).await,
-                _ = tick.tick() => self.check_device(&current).await,
+                _ = tick.tick() => {
+                    self.check_device(&current).await;
+                    if self.retry {
+                        self.apply(&current).await;
+                    }
+                }
                 _ = shutdown.changed() => return self,
             }
         }
@@ -107,6 +114,7 @@ impl Reconciler {
         for (id, e) in &assignment.errors {
             warn!(service = %id, "no VIP: {e}");
         }
+        self.retry = false;
         let mut frontends = frontends(catalog, &assignment, self.strategy);
         self.health.check(frontends.values().flat_map(|spec| spec.backends.iter().copied()).collect());
         let unhealthy = Arc::clone(&self.health.unhealthy().borrow());
@@ -117,15 +125,21 @@ impl Reconciler {
 
         // Remove frontends before their addresses go, and add addresses before new frontends use them.
         if let Err(e) = self.datapath.apply(&removals) {
-            error!("data path: {e:#}");
+            error!("data path: {e}");
         }
         let mut addresses: BTreeSet<IpAddr> = assignment.vips.values().copied().collect();
         addresses.extend(&self.extra_addresses);
         if let Err(e) = self.device.sync(&addresses).await {
             error!("{e:#}");
         }
+        let mut frontends = frontends;
         if let Err(e) = self.datapath.apply(&upserts) {
-            error!("data path: {e:#}");
+            error!("data path: {e}; retrying them");
+            // Not recorded as applied, so the next apply (at the latest the next device check) upserts them again.
+            for (frontend, _) in e.failed {
+                frontends.remove(&frontend);
+                self.retry = true;
+            }
         }
         self.frontends = frontends;
         if complete {

@@ -59,6 +59,37 @@ pub fn diff(old: &Frontends, new: &Frontends) -> Vec<Change> {
     removed.chain(upserted).collect()
 }
 
+/// Frontends a data path could not program, with why; the other changes took effect.
+#[derive(Debug, Default)]
+pub struct ApplyError {
+    pub failed: Vec<(Frontend, String)>,
+}
+
+impl ApplyError {
+    pub fn check(self) -> Result<(), ApplyError> {
+        if self.failed.is_empty() {
+            Ok(())
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} frontend(s) failed:", self.failed.len())?;
+        for (frontend, why) in &self.failed {
+            write!(f, " {frontend}: {why};")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ApplyError {}
+
+/// Where a data path reports backends it could not connect to (passive health checking).
+pub type FailureSink = Arc<dyn Fn(SocketAddr) + Send + Sync>;
+
 /// What the admin API and `mesh-agent status` show about the data path.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -87,7 +118,7 @@ pub struct FeatureStatus {
 /// A data path implementation. `apply` gets every change once, in order; a frontend that cannot be programmed is
 /// reported in the error and the others still take effect.
 pub trait Datapath: Send {
-    fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()>;
+    fn apply(&mut self, changes: &[Change]) -> Result<(), ApplyError>;
     fn status(&self) -> DatapathStatus;
     /// The first whole catalog has been applied: state left by a previous agent that it did not confirm can go.
     fn catalog_applied(&mut self) {}

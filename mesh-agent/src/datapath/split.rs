@@ -9,12 +9,12 @@ use tracing::{info, warn};
 
 use super::ebpf::{self, EbpfDatapath, EbpfOptions};
 use super::userspace::UserspaceDatapath;
-use super::{Change, Datapath, DatapathStatus, Frontend};
+use super::{ApplyError, Change, Datapath, DatapathStatus, FailureSink, Frontend};
 use crate::config::{Config, DataplaneMode};
 
 /// Starts the data path for `config`. `ebpf` fails when the eBPF path cannot start; `auto` then falls back to
 /// the proxy and says why.
-pub fn start(config: &Config) -> Result<Box<dyn Datapath>> {
+pub fn start(config: &Config, failures: FailureSink) -> Result<Box<dyn Datapath>> {
     let ebpf = match config.dataplane.mode {
         DataplaneMode::Userspace => Err("dataplane.mode is userspace".to_owned()),
         DataplaneMode::Ebpf => Ok(start_ebpf(config)?),
@@ -29,7 +29,13 @@ pub fn start(config: &Config) -> Result<Box<dyn Datapath>> {
         Err(_) if config.dataplane.mode == DataplaneMode::Userspace => info!("data path: userspace proxy"),
         Err(why) => warn!("data path: userspace proxy, eBPF unavailable: {why}"),
     }
-    Ok(Box::new(Split { ebpf: ebpf.ok(), userspace: UserspaceDatapath::new(), why, owners: BTreeMap::new(), swept: false }))
+    Ok(Box::new(Split {
+        ebpf: ebpf.ok(),
+        userspace: UserspaceDatapath::new().with_failure_sink(failures),
+        why,
+        owners: BTreeMap::new(),
+        swept: false,
+    }))
 }
 
 fn start_ebpf(config: &Config) -> Result<EbpfDatapath> {
@@ -85,7 +91,7 @@ impl Split {
 }
 
 impl Datapath for Split {
-    fn apply(&mut self, changes: &[Change]) -> Result<()> {
+    fn apply(&mut self, changes: &[Change]) -> Result<(), ApplyError> {
         let (mut kernel, mut proxy) = (Vec::new(), Vec::new());
         for change in changes {
             let (frontend, owner) = match change {
@@ -101,19 +107,16 @@ impl Datapath for Split {
                 Owner::Userspace => proxy.push(change.clone()),
             }
         }
-        let mut errors = Vec::new();
+        let mut errors = ApplyError::default();
         if let Some(ebpf) = &mut self.ebpf {
             if let Err(e) = ebpf.apply(&kernel) {
-                errors.push(format!("eBPF: {e:#}"));
+                errors.failed.extend(e.failed.into_iter().map(|(f, why)| (f, format!("eBPF: {why}"))));
             }
         }
         if let Err(e) = self.userspace.apply(&proxy) {
-            errors.push(format!("userspace: {e:#}"));
+            errors.failed.extend(e.failed.into_iter().map(|(f, why)| (f, format!("userspace: {why}"))));
         }
-        match errors.len() {
-            0 => Ok(()),
-            _ => anyhow::bail!("{}", errors.join("; ")),
-        }
+        errors.check()
     }
 
     fn catalog_applied(&mut self) {

@@ -30,7 +30,7 @@ use self::maps::Tables;
 use self::pins::PinDir;
 use self::programs::{Attachment, Hook, Sizes};
 use self::services::Services;
-use super::{Change, Datapath, DatapathStatus, FeatureStatus, Frontend};
+use super::{ApplyError, Change, Datapath, DatapathStatus, FeatureStatus, Frontend};
 use crate::catalog::Protocol;
 
 /// The kernel object, when this build had the BPF toolchain.
@@ -159,8 +159,8 @@ impl EbpfDatapath {
 }
 
 impl Datapath for EbpfDatapath {
-    fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
-        let mut failed = Vec::new();
+    fn apply(&mut self, changes: &[Change]) -> Result<(), ApplyError> {
+        let mut errors = ApplyError::default();
         for change in changes {
             let (frontend, result) = match change {
                 Change::Upsert(f, _) if !self.handles(f) => {
@@ -170,13 +170,10 @@ impl Datapath for EbpfDatapath {
                 Change::Remove(f) => (f, self.services.remove(&mut self.tables, f)),
             };
             if let Err(e) = result {
-                failed.push(format!("{frontend}: {e:#}"));
+                errors.failed.push((*frontend, format!("{e:#}")));
             }
         }
-        if !failed.is_empty() {
-            bail!("{} of {} changes failed: {}", failed.len(), changes.len(), failed.join("; "));
-        }
-        Ok(())
+        errors.check()
     }
 
     fn status(&self) -> DatapathStatus {

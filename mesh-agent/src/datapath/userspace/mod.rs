@@ -24,7 +24,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 
-use super::{Change, Datapath, DatapathStatus, FeatureStatus, Frontend, FrontendSpec};
+use super::{ApplyError, Change, Datapath, DatapathStatus, FailureSink, FeatureStatus, Frontend, FrontendSpec};
 use crate::catalog::{Protocol, ServiceId};
 use crate::lb::Balancer;
 use splice::PipePool;
@@ -36,6 +36,8 @@ pub use stats::{BackendStats, FrontendStats};
 pub struct UserspaceDatapath {
     spawner: Spawner,
     frontends: BTreeMap<Frontend, Entry>,
+    /// Told about every backend connect that failed (passive health).
+    failures: Option<FailureSink>,
 }
 
 impl UserspaceDatapath {
@@ -46,7 +48,13 @@ impl UserspaceDatapath {
 
     fn with_udp_idle_timeout(udp_idle: Duration) -> Self {
         let spawner = Spawner { runtime: Handle::current(), pipes: Arc::default(), udp_idle };
-        Self { spawner, frontends: BTreeMap::new() }
+        Self { spawner, frontends: BTreeMap::new(), failures: None }
+    }
+
+    /// Reports every failed backend connect to `sink`.
+    pub fn with_failure_sink(mut self, sink: FailureSink) -> Self {
+        self.failures = Some(sink);
+        self
     }
 
     /// Counters of every frontend, in frontend order.
@@ -57,7 +65,7 @@ impl UserspaceDatapath {
     fn upsert(&mut self, frontend: Frontend, spec: &FrontendSpec) -> io::Result<()> {
         let listen = frontend.protocol == Protocol::Udp || !spec.backends.is_empty();
         if let Some(entry) = self.frontends.get_mut(&frontend) {
-            let route = Route::new(spec, Some(&entry.state.route.load()));
+            let route = Route::new(spec, Some(&entry.state.route.load()), self.failures.clone());
             entry.state.route.store(Arc::new(route));
             if !listen {
                 entry.server = None;
@@ -66,7 +74,7 @@ impl UserspaceDatapath {
             }
             return Ok(());
         }
-        let route = ArcSwap::from_pointee(Route::new(spec, None));
+        let route = ArcSwap::from_pointee(Route::new(spec, None, self.failures.clone()));
         let state = Arc::new(FrontendState { service: spec.service.clone(), route, counters: Counters::default() });
         // A new frontend that cannot bind is left out, so the next upsert of it starts afresh.
         let server = if listen { Some(self.spawner.start(frontend, &state)?) } else { None };
@@ -82,15 +90,15 @@ impl Default for UserspaceDatapath {
 }
 
 impl Datapath for UserspaceDatapath {
-    fn apply(&mut self, changes: &[Change]) -> anyhow::Result<()> {
+    fn apply(&mut self, changes: &[Change]) -> Result<(), ApplyError> {
         // Sockets register with the runtime's reactor, and apply may be called from outside it.
         let _runtime = self.spawner.runtime.enter();
-        let mut failed = Vec::new();
+        let mut errors = ApplyError::default();
         for change in changes {
             match change {
                 Change::Upsert(frontend, spec) => {
                     if let Err(e) = self.upsert(*frontend, spec) {
-                        failed.push(format!("{frontend} ({}): {e}", spec.service));
+                        errors.failed.push((*frontend, format!("{} could not be bound: {e}", spec.service)));
                     }
                 }
                 Change::Remove(frontend) => {
@@ -98,10 +106,7 @@ impl Datapath for UserspaceDatapath {
                 }
             }
         }
-        match failed.len() {
-            0 => Ok(()),
-            n => anyhow::bail!("{n} frontend(s) could not be bound: {}", failed.join("; ")),
-        }
+        errors.check()
     }
 
     fn status(&self) -> DatapathStatus {
@@ -191,18 +196,19 @@ struct FrontendState {
 struct Route {
     balancer: Balancer,
     selections: Selections,
+    failures: Option<FailureSink>,
 }
 
 impl Route {
     /// Built from `previous` when there is one, so the round-robin cursor, affinity entries and counters carry over.
-    fn new(spec: &FrontendSpec, previous: Option<&Route>) -> Self {
+    fn new(spec: &FrontendSpec, previous: Option<&Route>, failures: Option<FailureSink>) -> Self {
         let backends = Arc::clone(&spec.backends);
         let balancer = match previous {
             Some(previous) => previous.balancer.update(spec.policy, backends),
             None => Balancer::new(spec.policy, backends),
         };
         let selections = Selections::new(&spec.backends, previous.map(|p| &p.selections));
-        Self { balancer, selections }
+        Self { balancer, selections, failures }
     }
 
     fn backends(&self) -> &[SocketAddr] {
@@ -223,6 +229,9 @@ impl Route {
 
     fn connect_failed(&self, backend: SocketAddr) {
         self.selections.connect_failed(backend);
+        if let Some(report) = &self.failures {
+            report(backend);
+        }
     }
 }
 
