@@ -132,7 +132,6 @@ impl Reconciler {
         if let Err(e) = self.device.sync(&addresses).await {
             error!("{e:#}");
         }
-        let mut frontends = frontends;
         if let Err(e) = self.datapath.apply(&upserts) {
             error!("data path: {e}; retrying them");
             // Not recorded as applied, so the next apply (at the latest the next device check) upserts them again.
