@@ -66,7 +66,7 @@ pub async fn run(config: Config) -> Result<()> {
     info!("shutting down");
     let _ = shutdown_tx.send(true);
     // The data path detaches (unless told to stay); dropping the rest removes edge0 with its addresses.
-    reconciling.await.context("reconciler task")?.shutdown();
+    reconciling.await.context("reconciler task")?.shutdown(config.dataplane.drain_timeout).await;
     if let Some(dns) = dns {
         let _ = dns.await;
     }

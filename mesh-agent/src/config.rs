@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
@@ -140,6 +141,9 @@ pub struct DataplaneConfig {
     /// first created; pinned maps keep theirs.
     pub max_services: u32,
     pub max_backends: u32,
+    /// On SIGTERM: how long established proxied connections may finish before the agent exits.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for DataplaneConfig {
@@ -150,6 +154,7 @@ impl Default for DataplaneConfig {
             keep_on_exit: false,
             max_services: 16_384,
             max_backends: 65_536,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }

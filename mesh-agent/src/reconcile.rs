@@ -94,8 +94,22 @@ impl Reconciler {
         }
     }
 
-    /// Stops the data path as configured; edge0 and its addresses go when the device drops.
-    pub fn shutdown(self) {
+    /// Stops taking connections, lets established ones finish for up to `drain`, then stops the data path as
+    /// configured; edge0 and its addresses go when the device drops.
+    pub async fn shutdown(mut self, drain: Duration) {
+        self.datapath.stop_accepting();
+        let deadline = Instant::now() + drain;
+        loop {
+            let active = self.datapath.status().active_connections;
+            if active == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                warn!(active, "drain deadline reached, closing the remaining connections");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         self.datapath.shutdown();
     }
 

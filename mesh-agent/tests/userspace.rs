@@ -289,3 +289,38 @@ fn dead_backend_leaves_rotation_and_returns() {
     assert!(answers.contains(&"b".to_owned()), "{answers:?}");
     drop(bb);
 }
+
+/// One request on an open keep-alive connection; returns the body.
+fn request(conn: &mut TcpStream) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")?;
+    let mut buf = [0u8; 512];
+    let n = conn.read(&mut buf)?;
+    let response = String::from_utf8_lossy(&buf[..n]).into_owned();
+    Ok(response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+#[test]
+fn sigterm_drains_established_connections() {
+    if !require_root("sigterm_drains_established_connections") {
+        return;
+    }
+    let t = Topology::new();
+    let a = backend_addr(0, 8080);
+    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let mut agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a]));
+    // A socket keeps the namespace it was made in, so the test thread can use it.
+    let mut conn = t.node.run(|| TcpStream::connect_timeout(&vip(80), Duration::from_secs(3))).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(request(&mut conn).unwrap(), "a");
+    agent.terminate();
+    let refused = wait_for(Duration::from_secs(5), || {
+        t.node.run(|| TcpStream::connect_timeout(&vip(80), Duration::from_secs(1)).is_err()).then_some(())
+    });
+    assert!(refused.is_some(), "new connections still accepted after SIGTERM");
+    assert_eq!(request(&mut conn).unwrap(), "a", "the established connection is served while draining");
+    assert!(agent.wait_exit(Duration::from_millis(200)).is_none(), "exited before the connection closed");
+    drop(conn);
+    let status = agent.wait_exit(Duration::from_secs(5)).expect("exits once drained");
+    assert!(status.success(), "{status:?}");
+}

@@ -105,6 +105,9 @@ pub struct DatapathStatus {
     /// Map name → (entries, capacity).
     pub maps: BTreeMap<String, (usize, usize)>,
     pub frontends: usize,
+    /// Connections (and UDP flows) the userspace proxy carries now; the kernel path keeps none.
+    #[serde(default)]
+    pub active_connections: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +125,8 @@ pub trait Datapath: Send {
     fn status(&self) -> DatapathStatus;
     /// The first whole catalog has been applied: state left by a previous agent that it did not confirm can go.
     fn catalog_applied(&mut self) {}
+    /// Stops taking new connections; those established go on (graceful shutdown drains them).
+    fn stop_accepting(&mut self) {}
     /// Stops serving: detaches what the agent attached, unless configured to leave it in place.
     fn shutdown(self: Box<Self>) {}
 }

@@ -145,7 +145,12 @@ impl Datapath for Split {
         }
         status.why = format!("{}; {}; {proxied} frontend(s) on the userspace proxy", self.why, status.why);
         status.frontends += proxy.frontends;
+        status.active_connections = proxy.active_connections;
         status
+    }
+
+    fn stop_accepting(&mut self) {
+        self.userspace.stop_accepting();
     }
 
     fn shutdown(self: Box<Self>) {

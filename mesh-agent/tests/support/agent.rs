@@ -27,11 +27,16 @@ pub struct Options<'a> {
     pub extra: &'a str,
     /// Extra keys under `catalog:` besides the harness's file, e.g. `kubernetes: {enable: true, server: URL}`.
     pub catalog: &'a str,
+    /// Extra keys under `dataplane:` besides `mode`, one `key: value` per line, e.g. `cgroupPath: /sys/fs/cgroup/x`.
+    pub dataplane: &'a str,
+    /// Run the agent with the host's mounts (see [`Netns::command_keep_mounts`]) instead of `ip netns exec`'s:
+    /// the eBPF data path needs the host's /sys/fs/cgroup and /sys/fs/bpf.
+    pub host_mounts: bool,
 }
 
 impl Default for Options<'_> {
     fn default() -> Self {
-        Self { mode: "userspace", strategy: "RoundRobin", extra: "", catalog: "" }
+        Self { mode: "userspace", strategy: "RoundRobin", extra: "", catalog: "", dataplane: "", host_mounts: false }
     }
 }
 
@@ -46,21 +51,58 @@ impl Agent {
         agent
     }
 
+    /// Like [`Agent::start`], but an agent that exits before it is ready is an `Err` with its log, for tests that
+    /// tell "cannot run here" (e.g. no eBPF) from a failure.
+    pub fn try_start(ns: &Netns, options: &Options, catalog: &str) -> Result<Self, String> {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        std::fs::write(dir.join("catalog.yaml"), catalog).unwrap();
+        let mut agent = Self::try_start_in(ns, &dir, options)?;
+        agent._tmp = Some(tmp);
+        Ok(agent)
+    }
+
     /// Starts an agent on an existing directory (its state and catalog), as a restart does.
     pub fn start_in(ns: &Netns, dir: &Path, options: &Options) -> Self {
+        let agent = Self::spawn_in(ns, dir, options);
+        agent.wait_ready();
+        agent
+    }
+
+    /// [`Agent::start_in`] that returns the log instead of panicking when the agent exits before it is ready.
+    pub fn try_start_in(ns: &Netns, dir: &Path, options: &Options) -> Result<Self, String> {
+        let mut agent = Self::spawn_in(ns, dir, options);
+        let ready = wait_for(Duration::from_secs(20), || {
+            if agent.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
+                return Some(false);
+            }
+            (agent.get("/readyz").ok()?.0 == 200).then_some(true)
+        });
+        match ready {
+            Some(true) => Ok(agent),
+            Some(false) => {
+                agent.child = None;
+                Err(agent.log())
+            }
+            None => panic!("agent not ready within 20 s; log:\n{}", agent.log()),
+        }
+    }
+
+    fn spawn_in(ns: &Netns, dir: &Path, options: &Options) -> Self {
         let config = format!(
             "nodeName: test-node\nstateDir: {dir}/state\ncatalog:\n  files: [{dir}/catalog.yaml]\n  {catalog}\n\
-             dataplane:\n  mode: {mode}\nloadBalancer:\n  strategy: {strategy}\n{extra}\n",
+             dataplane:\n  mode: {mode}\n  {dataplane}\nloadBalancer:\n  strategy: {strategy}\n{extra}\n",
             dir = dir.display(),
             catalog = options.catalog,
             mode = options.mode,
+            dataplane = options.dataplane.replace('\n', "\n  "),
             strategy = options.strategy,
             extra = options.extra,
         );
         std::fs::write(dir.join("config.yaml"), config).unwrap();
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-        let child = ns
-            .command(env!("CARGO_BIN_EXE_mesh-agent"))
+        let program = env!("CARGO_BIN_EXE_mesh-agent");
+        let child = if options.host_mounts { ns.command_keep_mounts(program) } else { ns.command(program) }
             .args(["run", "--config"])
             .arg(dir.join("config.yaml"))
             .env("RUST_LOG", "info,mesh_agent=debug")
@@ -69,10 +111,7 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("spawning mesh-agent");
-        let agent =
-            Self { child: Some(child), dir: dir.to_owned(), ns_path: format!("/run/netns/{}", ns.name), _tmp: None };
-        agent.wait_ready();
-        agent
+        Self { child: Some(child), dir: dir.to_owned(), ns_path: format!("/run/netns/{}", ns.name), _tmp: None }
     }
 
     pub fn wait_ready(&self) {
@@ -138,6 +177,24 @@ impl Agent {
         if status.is_none() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        status
+    }
+
+    /// Sends SIGTERM without waiting for the exit.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits up to `limit` for the agent to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = wait_for(limit, || child.try_wait().ok().flatten());
+        if status.is_some() {
+            self.child = None;
         }
         status
     }

@@ -161,9 +161,10 @@ impl Source {
     }
 
     fn publish(&mut self) {
+        let started = std::time::Instant::now();
         let catalog = self.store.build();
         self.health.published(self.store.counts(), self.store.errors().next().cloned());
-        debug!(services = catalog.services.len(), "Kubernetes catalog updated");
+        debug!(services = catalog.services.len(), took = ?started.elapsed(), "Kubernetes catalog built");
         self.tx.send_replace(Arc::new(catalog));
         self.cache.send_replace(Arc::new(self.store.snapshot()));
     }

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Service as K8sService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher::Event;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::filter::{self, Filter};
 use crate::catalog::{Catalog, Objects, Service, ServiceId};
@@ -39,7 +39,7 @@ struct Table<K> {
     relisting: Option<HashMap<ServiceId, Arc<K>>>,
 }
 
-impl<K: kube::Resource + PartialEq> Table<K> {
+impl<K: kube::Resource + k8s_openapi::Resource + PartialEq> Table<K> {
     fn new() -> Self {
         Self { objects: HashMap::new(), relisting: None }
     }
@@ -73,6 +73,7 @@ impl<K: kube::Resource + PartialEq> Table<K> {
                 changed.extend(
                     old.into_iter().filter(|(k, _)| !self.objects.contains_key(k)).map(|(_, o)| (Some(o), None)),
                 );
+                debug!(kind = K::KIND, objects = self.objects.len(), changed = changed.len(), "listed");
                 changed
             }
             Event::Apply(obj) => self.upsert(obj, admit),

@@ -193,6 +193,7 @@ impl Datapath for EbpfDatapath {
             programs: self.attachments.iter().filter_map(|a| a.program.clone().ok()).map(String::from).collect(),
             maps: self.tables.fill(self.services.fill()),
             frontends: self.services.len(),
+            active_connections: 0,
         }
     }
 }

@@ -125,6 +125,13 @@ impl Datapath for UserspaceDatapath {
             programs: Vec::new(),
             maps: BTreeMap::new(),
             frontends: self.frontends.len(),
+            active_connections: self.stats().iter().map(|(_, s)| s.active).sum(),
+        }
+    }
+
+    fn stop_accepting(&mut self) {
+        for entry in self.frontends.values_mut() {
+            entry.server = None;
         }
     }
 }
