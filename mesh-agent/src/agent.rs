@@ -35,7 +35,7 @@ pub async fn run(config: Config) -> Result<()> {
         catalogs = catalog::merge::spawn(catalogs, api);
     }
     let view = Arc::new(View::new(source_state));
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(Arc::clone(&view)));
     let admin = admin::server::serve(
         config.admin.listen,
         Arc::clone(&view),

@@ -1,56 +1,138 @@
-//! Prometheus metrics (prometheus-client). Gauges that mirror the published view are refreshed when scraped, so
-//! the hot paths never touch them.
+//! Prometheus metrics (prometheus-client). Everything is read from the published view when scraped, so the hot
+//! paths only bump their own atomics and never touch the registry.
 
-use std::sync::Mutex;
+use std::sync::Arc;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::view::View;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModeLabels {
-    mode: String,
-}
-
 pub struct Metrics {
-    registry: Mutex<Registry>,
-    services: Gauge,
-    frontends: Gauge,
-    catalog_synced: Gauge,
-    datapath_mode: Family<ModeLabels, Gauge>,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        let mut registry = Registry::with_prefix("mesh_agent");
-        let services = Gauge::default();
-        let frontends = Gauge::default();
-        let catalog_synced = Gauge::default();
-        let datapath_mode = Family::<ModeLabels, Gauge>::default();
-        registry.register("services", "Services in the catalog", services.clone());
-        registry.register("frontends", "Programmed VIP:port frontends", frontends.clone());
-        registry.register("catalog_synced", "1 once the catalog has been loaded", catalog_synced.clone());
-        registry.register("datapath_mode", "The data path in use (1 for the active mode)", datapath_mode.clone());
-        Self { registry: Mutex::new(registry), services, frontends, catalog_synced, datapath_mode }
-    }
+    registry: Registry,
 }
 
 impl Metrics {
-    pub fn encode(&self, view: &View) -> Result<String, std::fmt::Error> {
-        self.services.set(view.services().len() as i64);
-        self.catalog_synced.set(view.catalog_source.synced() as i64);
-        if let Some(d) = view.datapath() {
-            self.frontends.set(d.frontends as i64);
-            self.datapath_mode.clear();
-            self.datapath_mode.get_or_create(&ModeLabels { mode: d.mode }).set(1);
-        }
-        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn new(view: Arc<View>) -> Self {
+        let mut registry = Registry::with_prefix("mesh_agent");
+        registry.register_collector(Box::new(ViewCollector { view }));
+        Self { registry }
+    }
+
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
-        encode(&mut out, &registry)?;
+        encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+struct ViewCollector {
+    view: Arc<View>,
+}
+
+impl std::fmt::Debug for ViewCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ViewCollector")
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Writes one metric family: `name` with a value per label set.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut series = series.into_iter().peekable();
+    let Some((_, first)) = series.peek() else { return Ok(()) };
+    let mut metric = encoder.encode_descriptor(name, help, None, first.metric_type())?;
+    for (labels, value) in series {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(v: impl TryInto<i64>) -> ConstGauge {
+    ConstGauge::new(v.try_into().unwrap_or(i64::MAX))
+}
+
+impl Collector for ViewCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let view = &self.view;
+        let catalog = view.catalog_source.status();
+        family(&mut e, "services", "Services in the catalog", [(vec![], gauge(view.services().len()))])?;
+        family(&mut e, "catalog_synced", "1 once every catalog source has loaded", [(vec![], gauge(catalog.synced))])?;
+        family(
+            &mut e,
+            "ready",
+            "1 when the agent is ready (catalog loaded, data path programmed)",
+            [(vec![], gauge(view.ready()))],
+        )?;
+        if let Some(d) = view.datapath() {
+            family(&mut e, "datapath_mode", "The data path in use", [(vec![("mode", d.mode.clone())], gauge(1))])?;
+            family(&mut e, "frontends", "Programmed VIP:port frontends", [(vec![], gauge(d.frontends))])?;
+            family(
+                &mut e,
+                "datapath_map_entries",
+                "Entries in each eBPF map",
+                d.maps.iter().map(|(m, (n, _))| (vec![("map", m.clone())], gauge(*n))),
+            )?;
+            family(
+                &mut e,
+                "datapath_map_capacity",
+                "Capacity of each eBPF map",
+                d.maps.iter().map(|(m, (_, c))| (vec![("map", m.clone())], gauge(*c))),
+            )?;
+        }
+        let stats = view.frontend_stats();
+        let labels = |f: &crate::datapath::Frontend, s: &crate::datapath::FrontendStats| -> Labels {
+            vec![("service", s.service.to_string()), ("frontend", f.to_string())]
+        };
+        let per_frontend = |value: fn(&crate::datapath::FrontendStats) -> u64| {
+            stats.iter().map(move |(f, s)| (labels(f, s), ConstCounter::new(value(s))))
+        };
+        family(
+            &mut e,
+            "proxy_connections",
+            "Connections (UDP: flows) the proxy accepted",
+            per_frontend(|s| s.connections),
+        )?;
+        family(&mut e, "proxy_received_bytes", "Bytes from clients to backends", per_frontend(|s| s.bytes_in))?;
+        family(&mut e, "proxy_sent_bytes", "Bytes from backends to clients", per_frontend(|s| s.bytes_out))?;
+        family(
+            &mut e,
+            "proxy_failures",
+            "Connections reset for want of a reachable backend (UDP: dropped datagrams)",
+            per_frontend(|s| s.failures),
+        )?;
+        family(
+            &mut e,
+            "proxy_active_connections",
+            "Connections (UDP: flows) open now",
+            stats.iter().map(|(f, s)| (labels(f, s), gauge(s.active))),
+        )?;
+        let per_backend = |value: fn(&crate::datapath::BackendStats) -> u64| {
+            stats.iter().flat_map(move |(f, s)| {
+                s.backends.iter().map(move |b| {
+                    let mut l = labels(f, s);
+                    l.push(("backend", b.backend.to_string()));
+                    (l, ConstCounter::new(value(b)))
+                })
+            })
+        };
+        family(&mut e, "backend_selections", "Times the balancer chose each backend", per_backend(|b| b.selected))?;
+        family(
+            &mut e,
+            "backend_connect_failures",
+            "Failed connects to each backend",
+            per_backend(|b| b.connect_failures),
+        )?;
+        Ok(())
     }
 }

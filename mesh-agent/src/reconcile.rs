@@ -84,6 +84,7 @@ impl Reconciler {
                 }
                 _ = unhealthy.changed() => self.apply(&current).await,
                 _ = tick.tick() => {
+                    self.view.set_frontend_stats(self.datapath.frontend_stats());
                     self.check_device(&current).await;
                     if self.retry {
                         self.apply(&current).await;

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, ClusterIp, SourceState, TargetPort};
-use crate::datapath::DatapathStatus;
+use crate::datapath::{DatapathStatus, Frontend, FrontendStats};
 use crate::ipam::Assignment;
 
 /// One service as `/api/v1/services` and `mesh-agent services` show it.
@@ -104,6 +104,7 @@ impl ServiceView {
 pub struct View {
     services: ArcSwap<Vec<ServiceView>>,
     datapath: ArcSwap<Option<DatapathStatus>>,
+    frontend_stats: ArcSwap<Vec<(Frontend, FrontendStats)>>,
     /// Set once the first catalog has been applied to the data path.
     programmed: AtomicBool,
     pub catalog_source: Arc<SourceState>,
@@ -114,6 +115,7 @@ impl View {
         Self {
             services: ArcSwap::from_pointee(Vec::new()),
             datapath: ArcSwap::from_pointee(None),
+            frontend_stats: ArcSwap::from_pointee(Vec::new()),
             programmed: AtomicBool::new(false),
             catalog_source,
         }
@@ -123,6 +125,15 @@ impl View {
         self.services.store(Arc::new(services));
         self.datapath.store(Arc::new(Some(datapath)));
         self.programmed.store(true, Ordering::Release);
+    }
+
+    /// Refreshed by the reconciler every second and after each apply.
+    pub fn set_frontend_stats(&self, stats: Vec<(Frontend, FrontendStats)>) {
+        self.frontend_stats.store(Arc::new(stats));
+    }
+
+    pub fn frontend_stats(&self) -> Arc<Vec<(Frontend, FrontendStats)>> {
+        self.frontend_stats.load_full()
     }
 
     pub fn services(&self) -> Arc<Vec<ServiceView>> {

@@ -324,3 +324,30 @@ fn sigterm_drains_established_connections() {
     let status = agent.wait_exit(Duration::from_secs(5)).expect("exits once drained");
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn metrics_count_connections_and_backend_selections() {
+    if !require_root("metrics_count_connections_and_backend_selections") {
+        return;
+    }
+    let t = Topology::new();
+    let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
+    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let _bb = HttpBackend::start(&t.backends, "b", b);
+    let agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a, b]));
+    get_many(&t, vip(80), 4);
+    let labels = format!("service=\"default/web\",frontend=\"{VIP}:80/TCP\"");
+    let want = [
+        format!("mesh_agent_proxy_connections_total{{{labels}}} 4"),
+        format!("mesh_agent_backend_selections_total{{{labels},backend=\"{a}\"}} 2"),
+        format!("mesh_agent_backend_selections_total{{{labels},backend=\"{b}\"}} 2"),
+        "mesh_agent_datapath_mode{mode=\"userspace\"} 1".to_owned(),
+        "mesh_agent_ready 1".to_owned(),
+    ];
+    // Counters reach the registry with the reconciler's next one-second refresh.
+    let text = wait_for(Duration::from_secs(3), || {
+        let (_, text) = agent.get("/metrics").ok()?;
+        want.iter().all(|w| text.contains(w.as_str())).then_some(text)
+    });
+    assert!(text.is_some(), "metrics missing {want:?}:\n{}", agent.get("/metrics").unwrap().1);
+}

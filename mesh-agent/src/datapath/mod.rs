@@ -7,6 +7,7 @@ mod split;
 pub mod userspace;
 
 pub use split::start;
+pub use userspace::{BackendStats, FrontendStats};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -125,6 +126,10 @@ pub trait Datapath: Send {
     fn status(&self) -> DatapathStatus;
     /// The first whole catalog has been applied: state left by a previous agent that it did not confirm can go.
     fn catalog_applied(&mut self) {}
+    /// Per-frontend counters, where the data path keeps them (the proxy does; the kernel path does not).
+    fn frontend_stats(&self) -> Vec<(Frontend, FrontendStats)> {
+        Vec::new()
+    }
     /// Stops taking new connections; those established go on (graceful shutdown drains them).
     fn stop_accepting(&mut self) {}
     /// Stops serving: detaches what the agent attached, unless configured to leave it in place.

@@ -153,6 +153,10 @@ impl Datapath for Split {
         self.userspace.stop_accepting();
     }
 
+    fn frontend_stats(&self) -> Vec<(Frontend, super::FrontendStats)> {
+        self.userspace.stats()
+    }
+
     fn shutdown(self: Box<Self>) {
         if let Some(ebpf) = self.ebpf {
             ebpf.shutdown();
