@@ -12,7 +12,10 @@ use super::netns::Netns;
 pub struct HttpBackend {
     pub name: String,
     pub addr: SocketAddr,
+    /// Connections accepted, the agent's TCP health checks included.
     pub hits: Arc<AtomicUsize>,
+    /// HTTP requests answered: what clients (not health checks, which send none) got from this backend.
+    pub requests: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     /// Joined on drop, so the port is closed (and free to bind again) when drop returns.
     acceptor: Option<std::thread::JoinHandle<()>>,
@@ -20,8 +23,8 @@ pub struct HttpBackend {
 
 impl HttpBackend {
     pub fn start(ns: &Netns, name: &str, addr: SocketAddr) -> Self {
-        let (hits, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
-        let (h, s, body) = (Arc::clone(&hits), Arc::clone(&stop), name.to_owned());
+        let (hits, requests, stop) = (Arc::new(AtomicUsize::new(0)), Arc::default(), Arc::new(AtomicBool::new(false)));
+        let (h, r, s, body) = (Arc::clone(&hits), Arc::clone(&requests), Arc::clone(&stop), name.to_owned());
         let listener = ns.run(move || TcpListener::bind(addr).expect("binding backend"));
         listener.set_nonblocking(true).unwrap();
         let acceptor = std::thread::spawn(move || {
@@ -29,14 +32,14 @@ impl HttpBackend {
                 match listener.accept() {
                     Ok((conn, _)) => {
                         h.fetch_add(1, Ordering::Relaxed);
-                        let body = body.clone();
-                        std::thread::spawn(move || serve_http(conn, &body));
+                        let (body, r) = (body.clone(), Arc::clone(&r));
+                        std::thread::spawn(move || serve_http(conn, &body, &r));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         });
-        Self { name: name.into(), addr, hits, stop, acceptor: Some(acceptor) }
+        Self { name: name.into(), addr, hits, requests, stop, acceptor: Some(acceptor) }
     }
 }
 
@@ -49,7 +52,7 @@ impl Drop for HttpBackend {
     }
 }
 
-fn serve_http(mut conn: TcpStream, body: &str) {
+fn serve_http(mut conn: TcpStream, body: &str, requests: &AtomicUsize) {
     conn.set_nonblocking(false).ok();
     conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let mut buf = Vec::new();
@@ -58,6 +61,8 @@ fn serve_http(mut conn: TcpStream, body: &str) {
         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             buf.drain(..end + 4);
             let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            // Counted before the reply leaves, so a client that has its answer sees the count include it.
+            requests.fetch_add(1, Ordering::Relaxed);
             if conn.write_all(reply.as_bytes()).is_err() {
                 return;
             }

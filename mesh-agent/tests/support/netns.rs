@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -53,6 +54,23 @@ impl Netns {
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// A command that runs inside this network namespace but keeps the host's mounts. `ip netns exec` remounts
+    /// /sys for the namespace, which hides /sys/fs/cgroup and /sys/fs/bpf: a program that pins BPF objects for
+    /// others (the agent on the eBPF data path) must see the host's bpffs, or its pins die with it.
+    pub fn command_keep_mounts(&self, program: &str) -> Command {
+        let path = format!("/run/netns/{}", self.name);
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mut cmd = Command::new(program);
+        // SAFETY: between fork and exec only setns(2) on a descriptor opened before.
+        unsafe {
+            cmd.pre_exec(move || match libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            });
+        }
         cmd
     }
 }
