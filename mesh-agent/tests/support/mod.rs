@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod cgroup;
 pub mod dns;
 pub mod fake_apiserver;
 pub mod netns;
