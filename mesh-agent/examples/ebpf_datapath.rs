@@ -35,12 +35,12 @@ fn main() -> anyhow::Result<()> {
             ["quit"] => break,
             ["status"] => serde_json::to_string_pretty(&datapath.status()).map_err(Into::into),
             ["sweep"] => datapath.sweep_adopted().map(|gone| format!("swept {gone:?}")),
-            ["remove", proto, vip] => {
-                frontend(proto, vip).and_then(|f| datapath.apply(&[Change::Remove(f)])).map(|()| "ok".into())
-            }
-            ["upsert", proto, vip, policy, backends] => {
-                upsert(proto, vip, policy, backends).and_then(|change| datapath.apply(&[change])).map(|()| "ok".into())
-            }
+            ["remove", proto, vip] => frontend(proto, vip)
+                .and_then(|f| datapath.apply(&[Change::Remove(f)]).map_err(Into::into))
+                .map(|()| "ok".into()),
+            ["upsert", proto, vip, policy, backends] => upsert(proto, vip, policy, backends)
+                .and_then(|change| datapath.apply(&[change]).map_err(Into::into))
+                .map(|()| "ok".into()),
             _ => Err(anyhow::anyhow!("unknown command")),
         };
         match result {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::catalog::{Catalog, ClusterIp, ServiceId};
+use crate::catalog::{Catalog, ClusterIp, Protocol, ServiceId};
 use crate::datapath::{self, Datapath, Frontend, FrontendSpec, Frontends};
 use crate::device::Device;
 use crate::health::Health;
@@ -131,7 +131,9 @@ impl Reconciler {
         }
         self.retry = false;
         let mut frontends = frontends(catalog, &assignment, self.strategy);
-        self.health.check(frontends.values().flat_map(|spec| spec.backends.iter().copied()).collect());
+        // Active checks are TCP connects: only TCP backends can be judged by them.
+        let tcp = frontends.iter().filter(|(f, _)| f.protocol == Protocol::Tcp);
+        self.health.check(tcp.flat_map(|(_, spec)| spec.backends.iter().copied()).collect());
         let unhealthy = Arc::clone(&self.health.unhealthy().borrow());
         without_unhealthy(&mut frontends, &unhealthy);
         let changes = datapath::diff(&self.frontends, &frontends);
@@ -188,13 +190,13 @@ impl Reconciler {
     }
 }
 
-/// Takes unhealthy backends out of rotation. A frontend whose backends are all unhealthy keeps them all: a
+/// Takes unhealthy backends out of TCP frontends' rotation (UDP backends are not checked). A frontend whose backends are all unhealthy keeps them all: a
 /// failing health check then costs nothing, and the proxy's retries still find a backend that answers.
 fn without_unhealthy(frontends: &mut Frontends, unhealthy: &BTreeSet<SocketAddr>) {
     if unhealthy.is_empty() {
         return;
     }
-    for spec in frontends.values_mut() {
+    for (_, spec) in frontends.iter_mut().filter(|(f, _)| f.protocol == Protocol::Tcp) {
         let healthy: Arc<[SocketAddr]> = spec.backends.iter().filter(|b| !unhealthy.contains(b)).copied().collect();
         if !healthy.is_empty() && healthy.len() < spec.backends.len() {
             spec.backends = healthy;
