@@ -24,10 +24,12 @@ pub struct Topology {
     children: Vec<(String, Child)>,
 }
 
-/// `ip netns exec NS PROGRAM`: `ip` execs the program, so a spawned child's pid is the program's.
+/// PROGRAM in network namespace `ns`. nsenter switches only the network namespace, where `ip netns exec` also
+/// remounts /sys and so hides the cgroup2 mount the eBPF target needs. nsenter execs the program, so a spawned
+/// child's pid is the program's.
 pub fn exec(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns]).arg(program);
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
     cmd
 }
 

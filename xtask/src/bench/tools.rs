@@ -17,7 +17,7 @@ pub struct Client<'a> {
 }
 
 impl Client<'_> {
-    /// `ip netns exec NS [timeout] PROGRAM`, joining the cgroup first (before exec, so every socket the
+    /// `timeout PROGRAM` in the client's namespace, joining the cgroup first (before exec, so every socket the
     /// program opens is in it).
     pub fn command(&self, limit_secs: u64, program: &str) -> Command {
         let limit = format!("{limit_secs}");
