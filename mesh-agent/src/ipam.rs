@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::catalog::{Catalog, ClusterIp, ServiceId};
 use crate::state_file;
@@ -48,6 +48,8 @@ pub struct Ipam {
     allocations: BTreeMap<ServiceId, IpAddr>,
     /// Where the next pool search starts, so allocation stays O(1) amortised in a large pool.
     cursor: u128,
+    /// The allocations in memory differ from the state file (the last save failed).
+    unsaved: bool,
 }
 
 impl Ipam {
@@ -68,7 +70,7 @@ impl Ipam {
             }
             allocations.insert(ServiceId { namespace: namespace.into(), name: name.into() }, ip);
         }
-        Self { pool, reserved, path, allocations, cursor: 0 }
+        Self { pool, reserved, path, allocations, cursor: 0, unsaved: false }
     }
 
     /// Assigns a VIP to every non-headless service of `catalog`, releases those of services that went, and
@@ -77,7 +79,7 @@ impl Ipam {
     /// Conflicts are resolved deliberately: a fixed clusterIP wins over a pool allocation of the same address
     /// (the pool service moves), two services asking for the same fixed clusterIP → the first in namespace/name
     /// order keeps it and the other gets an error, and a fixed clusterIP outside the pool is used as given.
-    pub fn assign(&mut self, catalog: &Catalog) -> Result<Assignment> {
+    pub fn assign(&mut self, catalog: &Catalog) -> Assignment {
         let mut out = Assignment::default();
         let mut taken: HashMap<IpAddr, ServiceId> = HashMap::new();
         for (id, svc) in &catalog.services {
@@ -115,10 +117,17 @@ impl Ipam {
                 }
             }
         }
-        if self.allocations != before {
-            self.persist()?;
+        // An allocation that cannot be saved still serves; saving is retried with every assignment until it works.
+        if self.allocations != before || self.unsaved {
+            self.unsaved = match self.persist() {
+                Ok(()) => false,
+                Err(e) => {
+                    error!("{e:#}; VIPs stay assigned in memory, saving is retried");
+                    true
+                }
+            };
         }
-        Ok(out)
+        out
     }
 
     fn next_free(&mut self, taken: &HashMap<IpAddr, ServiceId>) -> Option<IpAddr> {
@@ -190,10 +199,10 @@ mod tests {
     fn allocations_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let c = catalog(&[("a", ClusterIp::Auto), ("b", ClusterIp::Auto)]);
-        let first = Ipam::load(pool("10.250.0.0/24"), vec![], dir.path()).assign(&c).unwrap();
+        let first = Ipam::load(pool("10.250.0.0/24"), vec![], dir.path()).assign(&c);
         // A new service sorted before the others must not shift their VIPs.
         let c2 = catalog(&[("0", ClusterIp::Auto), ("a", ClusterIp::Auto), ("b", ClusterIp::Auto)]);
-        let second = Ipam::load(pool("10.250.0.0/24"), vec![], dir.path()).assign(&c2).unwrap();
+        let second = Ipam::load(pool("10.250.0.0/24"), vec![], dir.path()).assign(&c2);
         assert_eq!(first.vips[&id("a")], second.vips[&id("a")]);
         assert_eq!(first.vips[&id("b")], second.vips[&id("b")]);
         assert_eq!(second.vips.len(), 3);
@@ -203,11 +212,11 @@ mod tests {
     fn released_when_the_service_goes() {
         let dir = tempfile::tempdir().unwrap();
         let mut ipam = Ipam::load(pool("10.250.0.0/30"), vec![], dir.path());
-        let a = ipam.assign(&catalog(&[("a", ClusterIp::Auto), ("b", ClusterIp::Auto)])).unwrap();
+        let a = ipam.assign(&catalog(&[("a", ClusterIp::Auto), ("b", ClusterIp::Auto)]));
         assert_eq!(a.vips.len(), 2);
         let full = ipam.assign(&catalog(&[("a", ClusterIp::Auto), ("b", ClusterIp::Auto), ("c", ClusterIp::Auto)]));
-        assert_eq!(full.unwrap().errors[&id("c")], VipError::Exhausted { pool: pool("10.250.0.0/30") });
-        let freed = ipam.assign(&catalog(&[("b", ClusterIp::Auto), ("c", ClusterIp::Auto)])).unwrap();
+        assert_eq!(full.errors[&id("c")], VipError::Exhausted { pool: pool("10.250.0.0/30") });
+        let freed = ipam.assign(&catalog(&[("b", ClusterIp::Auto), ("c", ClusterIp::Auto)]));
         assert_eq!(freed.vips.len(), 2);
         assert_eq!(freed.vips[&id("c")], a.vips[&id("a")]);
     }
@@ -216,16 +225,14 @@ mod tests {
     fn fixed_cluster_ips_win_and_duplicates_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let mut ipam = Ipam::load(pool("10.250.0.0/24"), vec![], dir.path());
-        let a = ipam.assign(&catalog(&[("a", ClusterIp::Auto)])).unwrap().vips[&id("a")];
-        let out = ipam
-            .assign(&catalog(&[
-                ("a", ClusterIp::Auto),
-                ("b", ClusterIp::Fixed(a)),
-                ("c", ClusterIp::Fixed(a)),
-                ("d", ClusterIp::Fixed("192.168.7.7".parse().unwrap())),
-                ("h", ClusterIp::Headless),
-            ]))
-            .unwrap();
+        let a = ipam.assign(&catalog(&[("a", ClusterIp::Auto)])).vips[&id("a")];
+        let out = ipam.assign(&catalog(&[
+            ("a", ClusterIp::Auto),
+            ("b", ClusterIp::Fixed(a)),
+            ("c", ClusterIp::Fixed(a)),
+            ("d", ClusterIp::Fixed("192.168.7.7".parse().unwrap())),
+            ("h", ClusterIp::Headless),
+        ]));
         assert_eq!(out.vips[&id("b")], a);
         assert_ne!(out.vips[&id("a")], a, "the pool service moved off the fixed address");
         assert_eq!(out.errors[&id("c")], VipError::Duplicate { ip: a, holder: id("b") });
@@ -238,7 +245,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reserved: IpAddr = "10.250.0.1".parse().unwrap();
         let mut ipam = Ipam::load(pool("10.250.0.0/24"), vec![reserved], dir.path());
-        let out = ipam.assign(&catalog(&[("a", ClusterIp::Auto), ("r", ClusterIp::Fixed(reserved))])).unwrap();
+        let out = ipam.assign(&catalog(&[("a", ClusterIp::Auto), ("r", ClusterIp::Fixed(reserved))]));
         assert_eq!(out.vips[&id("a")], "10.250.0.2".parse::<IpAddr>().unwrap());
         assert_eq!(out.errors[&id("r")], VipError::Reserved { ip: reserved });
     }
@@ -248,7 +255,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(STATE_FILE), "{not json").unwrap();
         let mut ipam = Ipam::load(pool("10.250.0.0/24"), vec![], dir.path());
-        assert_eq!(ipam.assign(&catalog(&[("a", ClusterIp::Auto)])).unwrap().vips.len(), 1);
+        assert_eq!(ipam.assign(&catalog(&[("a", ClusterIp::Auto)])).vips.len(), 1);
         let aside = std::fs::read_to_string(dir.path().join(format!("{STATE_FILE}.corrupt"))).unwrap();
         assert_eq!(aside, "{not json");
     }

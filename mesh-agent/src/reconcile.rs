@@ -119,13 +119,7 @@ impl Reconciler {
         let started = Instant::now();
         // Read before applying: a catalog built before every source had loaded must not count as complete.
         let complete = self.view.catalog_source.synced();
-        let assignment = match self.ipam.assign(catalog) {
-            Ok(a) => a,
-            Err(e) => {
-                error!("VIP allocation: {e:#}");
-                return;
-            }
-        };
+        let assignment = self.ipam.assign(catalog);
         for (id, e) in &assignment.errors {
             warn!(service = %id, "no VIP: {e}");
         }
