@@ -115,7 +115,7 @@ fn many_connections_leak_no_descriptors() {
     let agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[backend(0), backend(1)]));
     // `ip netns exec` execs the agent, so the child's pid is the agent's.
     let pid = agent.pid().unwrap();
-    assert_eq!(get(&t).is_some(), true);
+    assert!(get(&t).is_some(), "served before the load");
     let before = open_fds(pid);
     const ROUNDS: usize = 5;
     const CONCURRENT: usize = 2000;
