@@ -3,6 +3,7 @@
 mod bench;
 mod build_ebpf;
 mod cmd;
+mod fuzz;
 mod run;
 mod setup;
 mod test;
@@ -33,6 +34,12 @@ enum Task {
         /// Extra arguments for `cargo test`, e.g. a test name filter or `-p mesh-agent`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run every fuzz target under fuzz/ for a bounded time each.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(default_value_t = 60)]
+        seconds: u64,
     },
     /// Compare direct, iptables DNAT, haproxy and the agent's datapaths side by side.
     Bench(bench::Args),
@@ -67,6 +74,7 @@ fn main() {
             run::run(&args)
         }
         Task::Test { args } => test::run(&args, &after),
+        Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Bench(args) => bench::run(&args),
     };
     if let Err(err) = result {

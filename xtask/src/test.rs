@@ -4,7 +4,10 @@
 
 use anyhow::{Context, Result};
 
-use crate::{cmd, setup};
+use crate::{cmd, fuzz, setup};
+
+/// Seconds each fuzz target runs within `cargo xtask test`: long enough to catch shallow crashes, short enough for CI.
+const FUZZ_SECONDS: u64 = 20;
 
 pub fn run(args: &[String], harness: &[String]) -> Result<()> {
     setup::run()?;
@@ -16,7 +19,8 @@ pub fn run(args: &[String], harness: &[String]) -> Result<()> {
     if !harness.is_empty() {
         test.arg("--").args(harness);
     }
-    cmd::run(&mut test)
+    cmd::run(&mut test)?;
+    fuzz::run(FUZZ_SECONDS)
 }
 
 fn step(what: &str, args: &[&str]) -> Result<()> {
