@@ -75,6 +75,17 @@ pub struct Run {
     pub errors: u64,
 }
 
+pub fn median(runs: &[Run]) -> f64 {
+    let mut values: Vec<f64> = runs.iter().map(|r| r.value).collect();
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
 fn parse_wrk(out: &str) -> Result<Run> {
     let value = out
         .lines()

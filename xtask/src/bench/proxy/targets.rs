@@ -1,6 +1,5 @@
-//! The proxy suite: one service, one backend, the same clients, through each way of getting from a VIP to a
-//! backend. Every target has a topology of its own, so nothing (conntrack hooks, a proxy's sockets) affects
-//! another target's numbers.
+//! The proxy suite's targets. Every target has a topology of its own, so nothing (conntrack hooks, a proxy's
+//! sockets) affects another target's numbers.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -10,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::netns::{self, log_tail, Cgroup, Topology, BACKEND_IP};
-use super::tools::Client;
+use crate::bench::netns::{self, log_tail, Cgroup, Topology, BACKEND_IP};
+use crate::bench::tools::Client;
 use crate::cmd;
 
 pub const VIP: &str = "10.250.0.10";

@@ -1,0 +1,163 @@
+//! The proxy suite: one service, one backend, the same clients, through each way of getting from a VIP to a
+//! backend (see [`Target`]), measured for keep-alive requests, new connections and throughput.
+
+mod targets;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use super::tools::{median, Run};
+use super::Args;
+pub use targets::{Target, ALL};
+use targets::{HTTP_PORT, IPERF_PORT};
+
+/// The three proxy-suite metrics, in table order.
+const METRICS: [(&str, &str); 3] =
+    [("keepAliveRps", "keep-alive req/s"), ("newConnRps", "new conn/s"), ("throughputGbps", "Gbit/s")];
+
+struct Row {
+    target: Target,
+    /// Per metric: the runs, or why it could not be measured.
+    metrics: Vec<Result<Vec<Run>, String>>,
+    skipped: Option<String>,
+    datapath: Option<serde_json::Value>,
+}
+
+/// Sets every target up, then measures in rounds, each round visiting every target in turn, so a burst of
+/// other load on the machine spreads over all targets instead of skewing one ratio. Prints the table and
+/// returns the suite's part of results.json.
+pub fn run(args: &Args, which: &[Target], work: &Path, agent: Result<&Path, &str>) -> Result<serde_json::Value> {
+    let mut ready = Vec::new();
+    let mut rows = Vec::new();
+    for &target in which {
+        println!("bench: setting up {}", target.name());
+        let dir = work.join(target.name());
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        match targets::prepare(target, &dir, agent) {
+            Ok(r) => {
+                rows.push(Row {
+                    target,
+                    metrics: vec![Ok(Vec::new()); METRICS.len()],
+                    skipped: None,
+                    datapath: r.datapath.clone(),
+                });
+                ready.push(Some(r));
+            }
+            Err(err) => {
+                let why = format!("{err:#}");
+                println!("bench:   skipped: {why}");
+                rows.push(Row { target, metrics: Vec::new(), skipped: Some(why), datapath: None });
+                ready.push(None);
+            }
+        }
+    }
+    let secs = args.duration;
+    for (m, (_, title)) in METRICS.iter().enumerate() {
+        for round in 1..=args.runs {
+            for (row, r) in rows.iter_mut().zip(&ready) {
+                let Some(r) = r else { continue };
+                let Ok(runs) = &mut row.metrics[m] else { continue };
+                let client = r.client();
+                let run = match m {
+                    0 => client.wrk(HTTP_PORT, false, secs),
+                    1 => client.wrk(HTTP_PORT, true, secs),
+                    _ => client.iperf3(IPERF_PORT, secs),
+                };
+                let name = row.target.name();
+                match run {
+                    Ok(run) => {
+                        let errors = if run.errors > 0 { format!(" ({} errors)", run.errors) } else { String::new() };
+                        println!("bench: {title} {round}/{}: {name:<16} {:.2}{errors}", args.runs, run.value);
+                        runs.push(run);
+                    }
+                    Err(err) => {
+                        println!("bench: {title} {round}/{}: {name:<16} failed: {err:#}", args.runs);
+                        row.metrics[m] = Err(format!("{err:#}"));
+                    }
+                }
+            }
+        }
+    }
+    print_table(&rows);
+    Ok(results_json(&rows))
+}
+
+/// Medians of the row's metrics (None where not measured).
+fn medians(row: &Row) -> Vec<Option<f64>> {
+    (0..METRICS.len()).map(|i| row.metrics.get(i).and_then(|m| m.as_ref().ok()).map(|runs| median(runs))).collect()
+}
+
+fn baseline(rows: &[Row]) -> Vec<Option<f64>> {
+    rows.iter().find(|r| r.target == Target::Direct).map(medians).unwrap_or_else(|| vec![None; METRICS.len()])
+}
+
+fn print_table(rows: &[Row]) {
+    let base = baseline(rows);
+    println!();
+    print!("{:<17}", "target");
+    for (_, title) in METRICS {
+        print!("{title:>24}");
+    }
+    println!();
+    for row in rows {
+        print!("{:<17}", row.target.name());
+        if let Some(why) = &row.skipped {
+            // The last line is the cause (a multi-line reason ends with the log line that says what failed).
+            println!("  skipped: {}", why.lines().last().unwrap_or_default().trim());
+            continue;
+        }
+        for (i, value) in medians(row).into_iter().enumerate() {
+            let cell = match (value, base[i]) {
+                (Some(v), Some(b)) if b > 0.0 => format!("{} ({:.2}x)", format_value(i, v), v / b),
+                (Some(v), _) => format_value(i, v),
+                (None, _) => "failed".into(),
+            };
+            print!("{cell:>24}");
+        }
+        println!();
+    }
+    println!("(median of the runs; ratios to direct)");
+}
+
+fn format_value(metric: usize, v: f64) -> String {
+    if metric == 2 {
+        format!("{v:.1}")
+    } else {
+        format!("{:.1}k", v / 1000.0)
+    }
+}
+
+fn results_json(rows: &[Row]) -> serde_json::Value {
+    let base = baseline(rows);
+    let results: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|row| {
+            let mut entry = json!({ "target": row.target.name() });
+            if let Some(why) = &row.skipped {
+                entry["skipped"] = json!(why);
+                return entry;
+            }
+            for (i, (key, _)) in METRICS.iter().enumerate() {
+                entry[*key] = match &row.metrics[i] {
+                    Ok(runs) => {
+                        let m = median(runs);
+                        json!({
+                            "median": m,
+                            "ratio": base[i].filter(|b| *b > 0.0).map(|b| m / b),
+                            "runs": runs.iter().map(|r| r.value).collect::<Vec<_>>(),
+                            "errors": runs.iter().map(|r| r.errors).sum::<u64>(),
+                        })
+                    }
+                    Err(why) => json!({ "failed": why }),
+                };
+            }
+            if let Some(datapath) = &row.datapath {
+                entry["datapath"] = datapath.clone();
+            }
+            entry
+        })
+        .collect();
+    json!({ "results": results })
+}
