@@ -14,6 +14,7 @@ mod handler;
 mod resolv_conf;
 mod server;
 pub mod table;
+mod udp;
 pub mod wire;
 
 use std::path::Path;

@@ -1,49 +1,44 @@
-//! Sockets and loops. UDP: one SO_REUSEPORT socket per core, each with a loop that answers the hot path in place and
-//! hands the rest to the hickory handler in a task of its own. TCP: hickory's server with the same handler.
+//! Sockets. UDP: one SO_REUSEPORT socket per core, each served by a thread of its own (`udp`). TCP: hickory's server
+//! with the same handler.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use hickory_server::net::runtime::TokioTime;
-use hickory_server::net::xfer::Protocol;
-use hickory_server::net::NetError;
-use hickory_server::proto::rr::Record;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponse;
 use socket2::{Domain, Socket, Type};
-use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tracing::debug;
 
-use super::handler::{encode_udp, Handler};
-use super::wire::{self, Fast};
+use super::handler::Handler;
+use super::udp::{self, Shared};
 
 /// A TCP client that sends nothing for this long is disconnected.
 const TCP_IDLE: Duration = Duration::from_secs(10);
-/// Queries waiting on hickory (mostly on an upstream) at once; beyond this, UDP queries are dropped, as a loaded
-/// resolver does, rather than piling up tasks.
-const MAX_SLOW_IN_FLIGHT: usize = 1024;
 /// Receive buffer per UDP socket, to ride out bursts.
 const UDP_RCVBUF: usize = 4 << 20;
-/// Large enough for any query; a longer datagram is cut and then fails to parse (FORMERR).
-const MAX_QUERY: usize = 4096;
+/// How long a UDP thread waits for a query before it checks whether to stop.
+const UDP_STOP_CHECK: Duration = Duration::from_millis(200);
 
 pub struct Server {
-    udp: JoinSet<()>,
+    udp: Vec<std::thread::JoinHandle<()>>,
+    shared: Arc<Shared>,
     tcp: hickory_server::Server<Handler>,
 }
 
 impl Server {
+    /// Binds and starts serving; call from within the runtime, which runs the queries the hot path leaves.
     pub fn bind(listen: SocketAddr, handler: Handler) -> Result<Self> {
-        let sockets = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let slow = Arc::new(Semaphore::new(MAX_SLOW_IN_FLIGHT));
-        let mut udp = JoinSet::new();
-        for _ in 0..sockets {
+        let shared = Arc::new(Shared::new(handler.clone(), Handle::current()));
+        let mut udp = Vec::new();
+        for i in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
             let socket = Arc::new(udp_socket(listen).with_context(|| format!("DNS: binding UDP {listen}"))?);
-            udp.spawn(serve_udp(socket, handler.clone(), Arc::clone(&slow)));
+            let shared = Arc::clone(&shared);
+            let thread =
+                std::thread::Builder::new().name(format!("dns-udp-{i}")).spawn(move || udp::serve(socket, shared));
+            udp.push(thread.context("DNS: starting a UDP thread")?);
         }
         let mut tcp = hickory_server::Server::new(handler);
         tcp.register_listener(
@@ -51,11 +46,14 @@ impl Server {
             TCP_IDLE,
             16,
         );
-        Ok(Self { udp, tcp })
+        Ok(Self { udp, shared, tcp })
     }
 
     pub async fn shutdown(&mut self) {
-        self.udp.shutdown().await;
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let threads = std::mem::take(&mut self.udp);
+        // each notices within its receive timeout
+        let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
         if let Err(e) = self.tcp.shutdown_gracefully().await {
             debug!("DNS: TCP server: {e}");
         }
@@ -71,106 +69,25 @@ fn socket(listen: SocketAddr, kind: Type) -> Result<Socket> {
         socket.set_freebind_v6(true)?;
     }
     socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
     Ok(socket)
 }
 
-fn udp_socket(listen: SocketAddr) -> Result<UdpSocket> {
+/// A blocking socket for a UDP thread; its receive timeout is how often the thread checks for shutdown.
+fn udp_socket(listen: SocketAddr) -> Result<std::net::UdpSocket> {
     let socket = socket(listen, Type::DGRAM)?;
+    socket.set_nonblocking(false)?;
     socket.set_reuse_port(true)?;
+    socket.set_read_timeout(Some(UDP_STOP_CHECK))?;
     // best effort: the kernel caps it at net.core.rmem_max
     let _ = socket.set_recv_buffer_size(UDP_RCVBUF);
     socket.bind(&listen.into())?;
-    Ok(UdpSocket::from_std(socket.into())?)
+    Ok(socket.into())
 }
 
 fn tcp_listener(listen: SocketAddr) -> Result<TcpListener> {
     let socket = socket(listen, Type::STREAM)?;
+    socket.set_nonblocking(true)?;
     socket.bind(&listen.into())?;
     socket.listen(1024)?;
     Ok(TcpListener::from_std(socket.into())?)
-}
-
-async fn serve_udp(socket: Arc<UdpSocket>, handler: Handler, slow: Arc<Semaphore>) {
-    let mut buf = vec![0u8; MAX_QUERY];
-    let mut out = Vec::with_capacity(MAX_QUERY);
-    loop {
-        let (len, src) = match socket.recv_from(&mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                // ICMP errors of earlier sends surface here; they concern that client only
-                debug!("DNS: UDP receive: {e}");
-                continue;
-            }
-        };
-        let packet = &buf[..len];
-        let fast = if handler.allow.load().allows(src.ip()) {
-            wire::answer(&handler.table.load(), packet, &mut out)
-        } else {
-            Fast::Slow
-        };
-        match fast {
-            Fast::Reply => {
-                if let Err(e) = socket.send_to(&out, src).await {
-                    debug!("DNS: UDP send to {src}: {e}");
-                }
-            }
-            Fast::Drop => {}
-            Fast::Slow => {
-                let Ok(permit) = Arc::clone(&slow).try_acquire_owned() else {
-                    // debug, not warn: under a flood this line would be the flood
-                    debug!("DNS: {MAX_SLOW_IN_FLIGHT} queries in flight; dropping one from {src}");
-                    continue;
-                };
-                let (packet, handler, socket) = (packet.to_vec(), handler.clone(), Arc::clone(&socket));
-                tokio::spawn(async move {
-                    answer_slow(packet, src, handler, socket).await;
-                    drop(permit);
-                });
-            }
-        }
-    }
-}
-
-async fn answer_slow(packet: Vec<u8>, src: SocketAddr, handler: Handler, socket: Arc<UdpSocket>) {
-    let formerr = wire::formerr(&packet);
-    let request = match Request::from_bytes(packet, src, Protocol::Udp) {
-        Ok(request) => request,
-        Err(e) => {
-            debug!("DNS: malformed query from {src}: {e}");
-            if let Some(reply) = formerr {
-                let _ = socket.send_to(&reply, src).await;
-            }
-            return;
-        }
-    };
-    let max_payload = request.max_payload();
-    handler.handle_request::<_, TokioTime>(&request, UdpResponder { socket, dst: src, max_payload }).await;
-}
-
-/// Sends hickory's responses on the UDP socket the query came in on, within the client's payload size.
-#[derive(Clone)]
-struct UdpResponder {
-    socket: Arc<UdpSocket>,
-    dst: SocketAddr,
-    max_payload: u16,
-}
-
-#[async_trait::async_trait]
-impl ResponseHandler for UdpResponder {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        let (info, bytes) = encode_udp(response, self.max_payload).ok_or("encoding the response")?;
-        self.socket.send_to(&bytes, self.dst).await?;
-        Ok(info)
-    }
 }
