@@ -275,15 +275,9 @@ async fn never_synced_without_api_or_cache() {
 #[ignore = "scale measurement"]
 async fn scale_10k_services_50k_endpoints() {
     const SERVICES: usize = 10_000;
+    let _ = tracing_subscriber::fmt().with_env_filter("mesh_agent=debug").try_init();
     let api = FakeApiServer::start();
-    for i in 0..SERVICES {
-        let name = format!("svc-{i}");
-        let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
-        api.apply(service("bulk", &name, &ip, &[("http", 80, json!("http"))]));
-        let addresses: Vec<String> = (0..5).map(|j| format!("10.{}.{}.{}", 100 + j, i / 250, i % 250 + 1)).collect();
-        let addresses: Vec<(&str, bool)> = addresses.iter().map(|a| (a.as_str(), true)).collect();
-        api.apply(endpoint_slice("bulk", &format!("{name}-a"), &name, &[("http", 8080)], &addresses, "edge-1"));
-    }
+    fill(&api, SERVICES, "10.96");
     let dir = tempfile::tempdir().unwrap();
     let rss = |what: &str| eprintln!("{what}: RSS {} MiB", rss_kib() / 1024);
     rss("objects in the fake API");
@@ -310,8 +304,24 @@ async fn scale_10k_services_50k_endpoints() {
     eprintln!("restart from the cache: {:?}", started.elapsed());
 }
 
+/// `services` services `bulk/svc-N` with ClusterIPs in `prefix`.0.0/16, each with one slice of five endpoints.
+fn fill(api: &FakeApiServer, services: usize, prefix: &str) {
+    for i in 0..services {
+        let name = format!("svc-{i}");
+        let ip = format!("{prefix}.{}.{}", i / 250, i % 250 + 1);
+        api.apply(service("bulk", &name, &ip, &[("http", 80, json!("http"))]));
+        let addresses: Vec<String> = (0..5).map(|j| format!("10.{}.{}.{}", 100 + j, i / 250, i % 250 + 1)).collect();
+        let addresses: Vec<(&str, bool)> = addresses.iter().map(|a| (a.as_str(), true)).collect();
+        api.apply(endpoint_slice("bulk", &format!("{name}-a"), &name, &[("http", 8080)], &addresses, "edge-1"));
+    }
+}
+
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_kib_of("self")
+}
+
+fn rss_kib_of(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap_or("VmRSS: 0 kB");
     line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0)
 }
@@ -351,5 +361,49 @@ mod end_to_end {
         let status: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(status["catalog"]["kubernetes"]["state"], "synced", "{body}");
         assert_eq!(status["catalog"]["synced"], true, "{body}");
+    }
+
+    /// The whole agent (userspace data path) following 10,000 services / 50,000 endpoints: time to have every VIP
+    /// on edge0, and the agent's RSS. A measurement:
+    /// `cargo test --release -p mesh-agent --test kubernetes -- --ignored --nocapture agent_scale`.
+    #[test]
+    #[ignore = "scale measurement"]
+    fn agent_scale_10k_services_50k_endpoints() {
+        if !require_root("agent_scale_10k_services_50k_endpoints") {
+            return;
+        }
+        const SERVICES: usize = 10_000;
+        let t = Topology::new();
+        let api = FakeApiServer::start_in(&format!("/run/netns/{}", t.node.name));
+        fill(&api, SERVICES, "10.250");
+        let catalog = format!("kubernetes: {{enable: true, server: \"{}\"}}", api.url());
+        let started = Instant::now();
+        let agent = Agent::start(&t.node, &Options { catalog: &catalog, ..Options::default() }, "");
+        let edge0_addresses = || {
+            let out = t.node.command("ip").args(["-o", "-4", "addr", "show", "dev", "edge0"]).output().ok()?;
+            (String::from_utf8_lossy(&out.stdout).lines().count() > SERVICES).then_some(())
+        };
+        assert!(wait_for(Duration::from_secs(120), edge0_addresses).is_some(), "{}", agent.log());
+        eprintln!("agent start to {SERVICES} VIPs on edge0: {:?}", started.elapsed());
+        let pids = t.node.command("ip").args(["netns", "pids", &t.node.name]).output().unwrap();
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "mesh-agent" {
+                eprintln!("agent RSS: {} MiB", rss_kib_of(pid) / 1024);
+            }
+        }
+
+        let started = Instant::now();
+        api.apply(endpoint_slice("bulk", "svc-7-a", "svc-7", &[("http", 8080)], &[("10.200.0.1", true)], "edge-1"));
+        let changed = || {
+            let svc = agent.services().as_array()?.iter().find(|s| s["name"] == "svc-7")?.clone();
+            (svc["endpoints"].as_array()?.len() == 1).then_some(())
+        };
+        assert!(wait_for(Duration::from_secs(30), changed).is_some());
+        eprintln!("one endpoint change through the agent: {:?}", started.elapsed());
+        let log = agent.log();
+        for line in log.lines().filter(|l| l.contains("catalog applied") || l.contains("catalog built")) {
+            eprintln!("{line}");
+        }
     }
 }
