@@ -2,11 +2,13 @@
 //! the catalog) and a forwarder for everything else, on `dns.listen` over UDP and TCP.
 //!
 //! ```text
-//! Resolved ──▶ Table::build ──▶ ArcSwap<Table> ◀── UDP loops (SO_REUSEPORT, one per core): wire::answer, the hot path
-//!                                      ▲                 └─ anything else ─▶ Handler (hickory): zone | forward | REFUSED
+//! Resolved ──▶ Table::build ──▶ ArcSwap<Table> ◀── UDP threads (SO_REUSEPORT, one per core, recvmmsg batches):
+//!                                      ▲             wire::answer, the hot path
+//!                                      │               └─ anything else ─▶ Handler (hickory): zone | forward | REFUSED
 //!                                      └──────────────────── TCP (hickory Server) ─▶ Handler
 //! ```
 //! The hot path exists because hickory's own server reached about half of dnsmasq's query rate (DESIGN.md).
+//! Who may ask (`allow`): cluster-zone answers too go only to allowed sources; everyone else gets REFUSED.
 
 mod allow;
 mod forward;
