@@ -40,3 +40,32 @@ pub async fn connect(config: &KubernetesConfig) -> Result<(kube::Client, String)
 fn server_url(server: &str) -> Result<http::Uri> {
     server.parse().with_context(|| format!("catalog.kubernetes.server {server:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KUBECONFIG: &str = "apiVersion: v1\nkind: Config\ncurrent-context: edge\n\
+        clusters: [{name: c, cluster: {server: \"https://10.0.0.1:6443\", insecure-skip-tls-verify: true}}]\n\
+        users: [{name: u, user: {token: abc}}]\n\
+        contexts: [{name: edge, context: {cluster: c, user: u}}]\n";
+
+    #[tokio::test]
+    async fn kubeconfig_credentials_with_the_server_overridden() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(&path, KUBECONFIG).unwrap();
+        let mut config = KubernetesConfig { kubeconfig: path.display().to_string(), ..Default::default() };
+        assert_eq!(connect(&config).await.unwrap().1, "https://10.0.0.1:6443/");
+        config.server = "https://127.0.0.1:10550".into();
+        assert_eq!(connect(&config).await.unwrap().1, "https://127.0.0.1:10550/");
+    }
+
+    #[tokio::test]
+    async fn a_missing_kubeconfig_is_named() {
+        let config = KubernetesConfig { kubeconfig: "/nonexistent/kubeconfig".into(), ..Default::default() };
+        let Err(err) = connect(&config).await else { panic!("connected") };
+        let err = format!("{err:#}");
+        assert!(err.contains("catalog.kubernetes.kubeconfig /nonexistent/kubeconfig"), "{err}");
+    }
+}
