@@ -72,12 +72,17 @@ fn demo_config() -> Result<(PathBuf, PathBuf)> {
 
 fn print_hints(cgroup: Option<&Path>) {
     println!("run: demo service default/demo at 10.250.0.10:80 -> 127.0.0.1:18081, 127.0.0.1:18082");
-    println!("run:   userspace path: curl http://10.250.0.10/");
     if let Some(cgroup) = cgroup {
+        // Where the kernel has the socket hooks, auto mode serves the VIP with eBPF alone, and only for processes
+        // in the demo cgroup.
         let procs = cgroup.join("cgroup.procs");
-        println!("run:   eBPF path:      sh -c 'echo $$ > {}; exec curl http://10.250.0.10/'", procs.display());
+        println!("run:   the data path serves processes in {}; a shell there:", cgroup.display());
+        println!("run:     sh -c 'echo $$ > {}; exec bash'", procs.display());
+        println!("run:   then: curl http://10.250.0.10/   (every process: a --config with dataplane.mode: userspace)");
+    } else {
+        println!("run:   curl http://10.250.0.10/");
     }
-    println!("run:   DNS:            dig @169.254.96.16 demo.default.svc.cluster.local");
+    println!("run:   DNS: dig @169.254.96.16 demo.default.svc.cluster.local");
     println!("run: Ctrl-C stops the agent and the backends");
 }
 
