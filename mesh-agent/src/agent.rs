@@ -19,7 +19,7 @@ use crate::ipam::Ipam;
 use crate::metrics::Metrics;
 use crate::reconcile::Reconciler;
 use crate::view::View;
-use crate::{admin, state_file};
+use crate::{admin, sources, state_file};
 
 pub async fn run(config: Config) -> Result<()> {
     info!(node = %config.node_name, version = env!("CARGO_PKG_VERSION"), "starting");
@@ -51,7 +51,7 @@ pub async fn run(config: Config) -> Result<()> {
     let health = Health::spawn(config.health.clone());
     let reporter = health.clone();
     let failures = Arc::new(move |backend| reporter.report_failure(backend));
-    let datapath = datapath::start(&config, failures).context("starting the data path")?;
+    let datapath = datapath::start(&config, failures, sources::spawn(&config)?).context("starting the data path")?;
     let reconciler =
         Reconciler::new(ipam, device, datapath, dns_address, config.load_balancer.strategy, Arc::clone(&view), health);
     let resolved = reconciler.subscribe();

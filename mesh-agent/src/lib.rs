@@ -17,5 +17,6 @@ pub mod lb;
 pub mod metrics;
 pub mod reconcile;
 pub mod render;
+pub mod sources;
 pub mod state_file;
 pub mod view;

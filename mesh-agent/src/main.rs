@@ -46,9 +46,9 @@ fn execute(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` sets levels (default: info).
+/// Logs go to stderr; `RUST_LOG` sets levels (default: info; hickory's server logs every TCP query at info).
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,hickory_server=warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {

@@ -113,6 +113,12 @@ impl Collector for ViewCollector {
         )?;
         family(
             &mut e,
+            "proxy_rejected",
+            "Connections (UDP: datagrams) refused because the client is not node-local",
+            per_frontend(|s| s.rejected),
+        )?;
+        family(
+            &mut e,
             "proxy_active_connections",
             "Connections (UDP: flows) open now",
             stats.iter().map(|(f, s)| (labels(f, s), gauge(s.active))),

@@ -351,3 +351,25 @@ fn metrics_count_connections_and_backend_selections() {
     });
     assert!(text.is_some(), "metrics missing {want:?}:\n{}", agent.get("/metrics").unwrap().1);
 }
+
+#[test]
+fn clients_from_other_hosts_are_refused_and_counted() {
+    if !require_root("clients_from_other_hosts_are_refused_and_counted") {
+        return;
+    }
+    let t = Topology::new();
+    let a = backend_addr(0, 8080);
+    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a]));
+    // The backend namespace stands for a host on the LAN that routes the VIP range to the node.
+    t.backends.ip(&["route", "add", "10.250.0.0/16", "via", support::netns::NODE_IP]);
+    let remote = t.backends.run(|| http_get(vip(80)));
+    assert!(remote.is_err(), "a LAN client was served: {remote:?}");
+    assert_eq!(get_many(&t, vip(80), 1), ["a"], "node-local clients are served");
+    let labels = format!("service=\"default/web\",frontend=\"{VIP}:80/TCP\"");
+    let counted = wait_for(Duration::from_secs(3), || {
+        let (_, text) = agent.get("/metrics").ok()?;
+        text.contains(&format!("mesh_agent_proxy_rejected_total{{{labels}}} 1")).then_some(())
+    });
+    assert!(counted.is_some(), "refusal not counted:\n{}", agent.get("/metrics").unwrap().1);
+}

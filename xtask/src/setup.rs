@@ -20,6 +20,9 @@ const APT_PACKAGES: &[&str] = &[
     "dnsutils",
     "iptables",
     "bpftool",
+    // DNS tests: an upstream resolver inside the test namespace; eBPF tests: socket clients in a child cgroup.
+    "dnsmasq-base",
+    "python3",
 ];
 
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";

@@ -9,12 +9,12 @@ use tracing::{info, warn};
 
 use super::ebpf::{self, EbpfDatapath, EbpfOptions};
 use super::userspace::UserspaceDatapath;
-use super::{ApplyError, Change, Datapath, DatapathStatus, FailureSink, Frontend};
+use super::{ApplyError, Change, Datapath, DatapathStatus, FailureSink, Frontend, Sources};
 use crate::config::{Config, DataplaneMode};
 
 /// Starts the data path for `config`. `ebpf` fails when the eBPF path cannot start; `auto` then falls back to
 /// the proxy and says why.
-pub fn start(config: &Config, failures: FailureSink) -> Result<Box<dyn Datapath>> {
+pub fn start(config: &Config, failures: FailureSink, sources: Sources) -> Result<Box<dyn Datapath>> {
     let ebpf = match config.dataplane.mode {
         DataplaneMode::Userspace => Err("dataplane.mode is userspace".to_owned()),
         DataplaneMode::Ebpf => Ok(start_ebpf(config)?),
@@ -31,7 +31,7 @@ pub fn start(config: &Config, failures: FailureSink) -> Result<Box<dyn Datapath>
     }
     Ok(Box::new(Split {
         ebpf: ebpf.ok(),
-        userspace: UserspaceDatapath::new().with_failure_sink(failures),
+        userspace: UserspaceDatapath::new().with_failure_sink(failures).with_sources(sources),
         why,
         owners: BTreeMap::new(),
         swept: false,

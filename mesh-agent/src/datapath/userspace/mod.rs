@@ -24,7 +24,9 @@ use socket2::{Domain, Socket, Type};
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 
-use super::{ApplyError, Change, Datapath, DatapathStatus, FailureSink, FeatureStatus, Frontend, FrontendSpec};
+use super::{
+    ApplyError, Change, Datapath, DatapathStatus, FailureSink, FeatureStatus, Frontend, FrontendSpec, Sources,
+};
 use crate::catalog::{Protocol, ServiceId};
 use crate::lb::Balancer;
 use splice::PipePool;
@@ -38,6 +40,8 @@ pub struct UserspaceDatapath {
     frontends: BTreeMap<Frontend, Entry>,
     /// Told about every backend connect that failed (passive health).
     failures: Option<FailureSink>,
+    /// Clients allowed to use the VIPs; `None` allows all (tests of the proxy alone).
+    sources: Option<Sources>,
 }
 
 impl UserspaceDatapath {
@@ -48,7 +52,13 @@ impl UserspaceDatapath {
 
     fn with_udp_idle_timeout(udp_idle: Duration) -> Self {
         let spawner = Spawner { runtime: Handle::current(), pipes: Arc::default(), udp_idle };
-        Self { spawner, frontends: BTreeMap::new(), failures: None }
+        Self { spawner, frontends: BTreeMap::new(), failures: None, sources: None }
+    }
+
+    /// Serves only clients in `sources`: others are reset (TCP) or dropped (UDP), and counted as rejected.
+    pub fn with_sources(mut self, sources: Sources) -> Self {
+        self.sources = Some(sources);
+        self
     }
 
     /// Reports every failed backend connect to `sink`.
@@ -75,7 +85,12 @@ impl UserspaceDatapath {
             return Ok(());
         }
         let route = ArcSwap::from_pointee(Route::new(spec, None, self.failures.clone()));
-        let state = Arc::new(FrontendState { service: spec.service.clone(), route, counters: Counters::default() });
+        let state = Arc::new(FrontendState {
+            service: spec.service.clone(),
+            route,
+            counters: Counters::default(),
+            sources: self.sources.clone(),
+        });
         // A new frontend that cannot bind is left out, so the next upsert of it starts afresh.
         let server = if listen { Some(self.spawner.start(frontend, &state)?) } else { None };
         self.frontends.insert(frontend, Entry { state, server });
@@ -197,6 +212,18 @@ struct FrontendState {
     /// Swapped whole on update; the accept path only loads it, without a lock.
     route: ArcSwap<Route>,
     counters: Counters,
+    sources: Option<Sources>,
+}
+
+impl FrontendState {
+    /// Whether `client` may use this frontend; a refusal is counted.
+    fn admits(&self, client: IpAddr) -> bool {
+        let admitted = self.sources.as_ref().is_none_or(|s| s.load().allows(client));
+        if !admitted {
+            stats::bump(&self.counters.rejected, 1);
+        }
+        admitted
+    }
 }
 
 /// A frontend's balancer and per-backend counters, for one backend set.

@@ -28,6 +28,8 @@ pub struct FrontendStats {
     /// TCP: connections reset because no backend was ready or none could be reached. UDP: datagrams dropped (no
     /// backend, flow table full, socket buffer full).
     pub failures: u64,
+    /// Connections (UDP: datagrams) from clients outside the node-local set, refused.
+    pub rejected: u64,
     /// The current backends, in the service's order.
     pub backends: Vec<BackendStats>,
 }
@@ -49,6 +51,7 @@ pub(super) struct Counters {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub failures: AtomicU64,
+    pub rejected: AtomicU64,
 }
 
 impl Counters {
@@ -72,6 +75,7 @@ impl Counters {
             bytes_in: get(&self.bytes_in),
             bytes_out: get(&self.bytes_out),
             failures: get(&self.failures),
+            rejected: get(&self.rejected),
             backends,
         }
     }

@@ -81,6 +81,10 @@ pub(super) async fn serve(listener: Arc<Listener>, frontend: Arc<FrontendState>,
 }
 
 async fn handle(client: TcpStream, peer: IpAddr, frontend: Arc<FrontendState>, pool: Arc<PipePool>) {
+    if !frontend.admits(peer) {
+        reset(&client);
+        return;
+    }
     let counters = &frontend.counters;
     bump(&counters.connections, 1);
     let _active = counters.open();

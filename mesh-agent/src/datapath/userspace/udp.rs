@@ -98,6 +98,9 @@ impl Flows {
             }
         };
         let frontend = Arc::clone(&self.frontend);
+        if !frontend.admits(client.ip()) {
+            return;
+        }
         let counters = &frontend.counters;
         let now = millis_since(self.epoch);
         let Some(flow) = self.flow(client) else {
