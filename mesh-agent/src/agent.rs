@@ -51,12 +51,13 @@ pub async fn run(config: Config) -> Result<()> {
     let health = Health::spawn(config.health.clone());
     let reporter = health.clone();
     let failures = Arc::new(move |backend| reporter.report_failure(backend));
-    let datapath = datapath::start(&config, failures, sources::spawn(&config)?).context("starting the data path")?;
+    let sources = sources::spawn(&config)?;
+    let datapath = datapath::start(&config, failures, Arc::clone(&sources)).context("starting the data path")?;
     let reconciler =
         Reconciler::new(ipam, device, datapath, dns_address, config.load_balancer.strategy, Arc::clone(&view), health);
     let resolved = reconciler.subscribe();
     let dns = if config.dns.enable {
-        Some(crate::dns::start(&config.dns, resolved, shutdown_rx.clone()).await?)
+        Some(crate::dns::start(&config.dns, resolved, shutdown_rx.clone(), sources).await?)
     } else {
         None
     };

@@ -90,11 +90,18 @@ impl Default for DnsConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct CatalogConfig {
     pub files: Vec<PathBuf>,
     pub kubernetes: KubernetesConfig,
+}
+
+impl Default for CatalogConfig {
+    /// The same with or without a config file: a missing catalog file is an empty catalog.
+    fn default() -> Self {
+        Self { files: vec![PathBuf::from("/etc/mesh-agent/catalog.yaml")], kubernetes: KubernetesConfig::default() }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -355,6 +362,15 @@ mod tests {
         let config = Config::embedded();
         assert_eq!(config.device.name, "edge0");
         assert_eq!(config.admin.listen, "127.0.0.1:9099".parse().unwrap());
+    }
+
+    #[test]
+    fn a_file_starts_from_the_embedded_defaults() {
+        let mut embedded = Config::embedded();
+        let mut from_file = Config::parse("admin:\n  listen: 127.0.0.1:9099\n").unwrap();
+        // The node name comes from the environment either way.
+        (embedded.node_name, from_file.node_name) = (String::new(), String::new());
+        assert_eq!(embedded, from_file);
     }
 
     #[test]

@@ -10,8 +10,11 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::datapath::Sources;
 use crate::dns::AllowList;
+
+/// Who may use the VIPs and ask the DNS server, kept current. The kernel path needs no check: its hooks only see
+/// sockets of processes on the node.
+pub type Sources = Arc<ArcSwap<AllowList>>;
 
 /// Addresses come and go (DHCP, new bridges): the default list is re-read this often.
 const REFRESH: Duration = Duration::from_secs(5);

@@ -6,6 +6,7 @@ pub mod ebpf;
 mod split;
 pub mod userspace;
 
+pub use crate::sources::Sources;
 pub use split::start;
 pub use userspace::{BackendStats, FrontendStats};
 
@@ -87,10 +88,6 @@ impl std::fmt::Display for ApplyError {
 }
 
 impl std::error::Error for ApplyError {}
-
-/// Who may use the VIPs: the node's own clients (see `crate::dns::AllowList`), refreshed as the node's addresses
-/// change. The kernel path needs no check: its hooks only see sockets of processes on the node.
-pub type Sources = Arc<arc_swap::ArcSwap<crate::dns::AllowList>>;
 
 /// Where a data path reports backends it could not connect to (passive health checking).
 pub type FailureSink = Arc<dyn Fn(SocketAddr) + Send + Sync>;

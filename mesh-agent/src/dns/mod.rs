@@ -21,9 +21,9 @@ pub mod wire;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use arc_swap::ArcSwap;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
@@ -37,27 +37,19 @@ pub use table::{Table, Zone};
 
 use crate::config::DnsConfig;
 use crate::reconcile::Resolved;
-
-/// How often the default allow list is re-read (a container bridge may appear after the agent started).
-const ALLOW_REFRESH: Duration = Duration::from_secs(10);
+use crate::sources::Sources;
 
 /// Binds `config.listen` (UDP and TCP) and serves until `shutdown` turns true; answers follow `resolved`.
 pub async fn start(
     config: &DnsConfig,
     mut resolved: watch::Receiver<Arc<Resolved>>,
     mut shutdown: watch::Receiver<bool>,
+    allow: Sources,
 ) -> Result<JoinHandle<()>> {
     let zone = Zone { domain: config.domain.clone(), ttl: config.ttl };
     let first = resolved.borrow_and_update().clone();
     let table = Arc::new(ArcSwap::from_pointee(Table::build(&first, &zone, serial())));
-    let (listen, default_allow) = (config.listen.ip(), config.allow_from.is_empty());
-    let allow = if default_allow {
-        AllowList::local(listen).context("DNS: reading the node's addresses")?
-    } else {
-        AllowList::new(config.allow_from.clone())
-    };
-    info!(allow = ?allow.nets(), "DNS: answering");
-    let allow = Arc::new(ArcSwap::from_pointee(allow));
+    info!(allow = ?allow.load().nets(), "DNS: answering");
     let resolv_conf_path = Path::new(resolv_conf::PATH);
     // a node without resolv.conf has no upstreams: cluster names still work
     let original = ResolvConf::original(resolv_conf_path).unwrap_or_default();
@@ -72,8 +64,6 @@ pub async fn start(
     };
 
     Ok(tokio::spawn(async move {
-        let mut refresh = tokio::time::interval(ALLOW_REFRESH);
-        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut catalog_open = true;
         loop {
             tokio::select! {
@@ -93,14 +83,6 @@ pub async fn start(
                         Err(e) => warn!("DNS: building the table: {e}"),
                     }
                 }
-                _ = refresh.tick(), if default_allow => match AllowList::local(listen) {
-                    Ok(next) if **allow.load() != next => {
-                        info!(allow = ?next.nets(), "DNS: allow list changed");
-                        allow.store(Arc::new(next));
-                    }
-                    Ok(_) => {}
-                    Err(e) => warn!("DNS: reading the node's addresses: {e}"),
-                },
                 _ = shutdown.changed() => break,
             }
         }
