@@ -74,6 +74,30 @@ impl Collector for ViewCollector {
             "1 when the agent is ready (catalog loaded, data path programmed)",
             [(vec![], gauge(view.ready()))],
         )?;
+        if let Some(k) = &catalog.kubernetes {
+            family(
+                &mut e,
+                "catalog_kubernetes_state",
+                "The Kubernetes source's state (1 for the current one)",
+                [(vec![("state", k.state.as_str().to_owned())], gauge(1))],
+            )?;
+            let stale = k.stale_since.map(|t| crate::catalog::kubernetes::status::now().saturating_sub(t)).unwrap_or(0);
+            family(
+                &mut e,
+                "catalog_kubernetes_stale_seconds",
+                "How long the Kubernetes objects served may have been behind the API (0 when synced)",
+                [(vec![], gauge(stale))],
+            )?;
+            family(
+                &mut e,
+                "catalog_kubernetes_objects",
+                "Objects the Kubernetes source holds",
+                [
+                    (vec![("kind", "Service".to_owned())], gauge(k.services)),
+                    (vec![("kind", "EndpointSlice".to_owned())], gauge(k.endpoint_slices)),
+                ],
+            )?;
+        }
         if let Some(d) = view.datapath() {
             family(&mut e, "datapath_mode", "The data path in use", [(vec![("mode", d.mode.clone())], gauge(1))])?;
             family(&mut e, "frontends", "Programmed VIP:port frontends", [(vec![], gauge(d.frontends))])?;

@@ -80,6 +80,17 @@ pub fn status(admin: SocketAddr, output: Output) -> Result<()> {
         (None, false) => "never synced".into(),
     };
     println!("catalog:   {catalog}");
+    if let Some(k) = &status.catalog.kubernetes {
+        let since = |t: Option<u64>| t.map(|t| format!(" since {t} (unix time)")).unwrap_or_default();
+        let detail = match k.state.as_str() {
+            "stale" => format!("stale{}{}", since(k.stale_since), if k.from_cache { ", from cache" } else { "" }),
+            state => state.to_owned(),
+        };
+        println!("kubernetes: {} {detail}, {} services, {} endpoint slices", k.server, k.services, k.endpoint_slices);
+        if let Some(e) = &k.last_error {
+            println!("            last error: {e}");
+        }
+    }
     println!("services:  {}", status.services);
     if let Some(d) = &status.datapath {
         println!("datapath:  {} ({})", d.mode, d.why);

@@ -361,6 +361,11 @@ mod end_to_end {
         let status: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(status["catalog"]["kubernetes"]["state"], "synced", "{body}");
         assert_eq!(status["catalog"]["synced"], true, "{body}");
+        let (_, metrics) = agent.get("/metrics").unwrap();
+        assert!(metrics.contains("mesh_agent_catalog_kubernetes_state{state=\"synced\"} 1"), "{metrics}");
+        let out = t.node.command(env!("CARGO_BIN_EXE_mesh-agent")).arg("status").output().unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(printed.contains("kubernetes:") && printed.contains("synced"), "{printed}");
     }
 
     /// The whole agent (userspace data path) following 10,000 services / 50,000 endpoints: time to have every VIP

@@ -37,6 +37,16 @@ pub struct Status {
     pub last_error: Option<String>,
 }
 
+impl SyncState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncState::Synced => "synced",
+            SyncState::Stale => "stale",
+            SyncState::NeverSynced => "neverSynced",
+        }
+    }
+}
+
 impl Status {
     /// Whether the source has objects to serve (from the API or the cache).
     pub fn serving(&self) -> bool {
