@@ -7,6 +7,7 @@ mod fuzz;
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +44,8 @@ enum Task {
     },
     /// Compare direct, iptables DNAT, haproxy and the agent's datapaths side by side.
     Bench(bench::Args),
+    /// Run the eBPF data path's tests in QEMU guests on Debian's 5.10 and 6.1 kernels (the kernel matrix).
+    TestVm(vm::Args),
 }
 
 /// Splits the command line at its first `--`. clap would drop a `--` that comes right after the subcommand, and
@@ -76,6 +79,7 @@ fn main() {
         Task::Test { args } => test::run(&args, &after),
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Bench(args) => bench::run(&args),
+        Task::TestVm(args) => vm::run(&args),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
