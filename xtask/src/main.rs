@@ -32,6 +32,9 @@ enum Task {
     },
     /// fmt + clippy, then build and test the workspace: `cargo xtask test [CARGO TEST ARGS] [-- HARNESS ARGS]`.
     Test {
+        /// Skip the kernel matrix (`test-vm`) that runs after the host's tests. Give it before other arguments.
+        #[arg(long)]
+        no_vm: bool,
         /// Extra arguments for `cargo test`, e.g. a test name filter or `-p mesh-agent`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -76,7 +79,7 @@ fn main() {
             args.extend(after);
             run::run(&args)
         }
-        Task::Test { args } => test::run(&args, &after),
+        Task::Test { no_vm, args } => test::run(&args, &after, !no_vm),
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Bench(args) => bench::run(&args),
         Task::TestVm(args) => vm::run(&args),
@@ -95,7 +98,7 @@ mod tests {
     fn parse(argv: &[&str]) -> (Vec<String>, Vec<String>) {
         let (argv, after) = split_at_dashes(argv.iter().map(|a| a.to_string()).collect());
         match Cli::try_parse_from(argv).unwrap().task {
-            Task::Test { args } | Task::Run { args } => (args, after),
+            Task::Test { args, .. } | Task::Run { args } => (args, after),
             _ => unreachable!(),
         }
     }
@@ -114,6 +117,9 @@ mod tests {
         );
         assert_eq!(parse(&["xtask", "test", "-p", "mesh-agent"]), (strings(&["-p", "mesh-agent"]), strings(&[])));
         assert_eq!(parse(&["xtask", "test", "--", "--nocapture"]), (strings(&[]), strings(&["--nocapture"])));
+        assert_eq!(parse(&["xtask", "test", "--no-vm", "cfg"]), (strings(&["cfg"]), strings(&[])));
+        let cli = Cli::try_parse_from(["xtask", "test", "--no-vm", "cfg"]).unwrap();
+        assert!(matches!(cli.task, Task::Test { no_vm: true, .. }));
     }
 
     #[test]

@@ -4,12 +4,13 @@
 
 use anyhow::{Context, Result};
 
-use crate::{cmd, fuzz, setup};
+use crate::{cmd, fuzz, setup, vm};
 
 /// Seconds each fuzz target runs within `cargo xtask test`: long enough to catch shallow crashes, short enough for CI.
 const FUZZ_SECONDS: u64 = 20;
 
-pub fn run(args: &[String], harness: &[String]) -> Result<()> {
+/// `vm`: then the kernel matrix (`cargo xtask test-vm`), the eBPF data path's tests on Debian's 5.10 and 6.1.
+pub fn run(args: &[String], harness: &[String], vm: bool) -> Result<()> {
     setup::run()?;
     step("formatting (cargo fmt --check; fix with `cargo fmt`)", &["fmt", "--all", "--check"])?;
     step("lints (cargo clippy)", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
@@ -20,7 +21,11 @@ pub fn run(args: &[String], harness: &[String]) -> Result<()> {
         test.arg("--").args(harness);
     }
     cmd::run(&mut test)?;
-    fuzz::run(FUZZ_SECONDS)
+    fuzz::run(FUZZ_SECONDS)?;
+    if vm {
+        vm::run(&vm::Args::default())?;
+    }
+    Ok(())
 }
 
 fn step(what: &str, args: &[&str]) -> Result<()> {
