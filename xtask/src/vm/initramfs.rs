@@ -95,6 +95,10 @@ impl Payload {
         self.files.insert(guest.into(), (Source::Data(text.as_bytes().to_vec()), mode));
     }
 
+    pub fn symlink(&mut self, guest: &str, target: &str) {
+        self.symlinks.insert(guest.into(), target.into());
+    }
+
     pub fn dir(&mut self, guest: &str) {
         self.dirs.insert(guest.into());
     }

@@ -183,8 +183,11 @@ fn build(filter: Option<&str>) -> Result<(PathBuf, Vec<TestBinary>)> {
 /// Everything but the kernel's modules.
 fn payload(agent: &Path, tests: &[TestBinary], args: &Args, scratch: &Path) -> Result<initramfs::Payload> {
     let mut p = initramfs::Payload::new()?;
-    // Placed at its canonical path; the host's /bin symlink, recreated in the guest, leads there as here.
-    p.program("/bin/busybox")?;
+    // Placed at its canonical path; the host's /bin symlink, recreated in the guest, leads there as here. It is
+    // the guest's sh too, for tests that run `sh -c`.
+    let busybox = p.program("/bin/busybox")?;
+    let bin = busybox.rsplit_once('/').map_or("", |(dir, _)| dir);
+    p.symlink(&format!("{bin}/sh"), "busybox");
     p.program("ip")?;
     p.program("bpftool")?;
     p.python()?;
