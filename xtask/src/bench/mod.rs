@@ -1,8 +1,11 @@
 //! `cargo xtask bench`: performance side by side in one run, as ratios to a direct connection (DESIGN.md
 //! "Rules of the house"). Each suite is a module that measures, prints its table and returns its part of
 //! `target/bench/results.json`, under its own key: `proxy` (keep-alive req/s, new conn/s, throughput) is the
-//! first; service-count scaling (1 / 1,000 / 10,000 services) and DNS (against dnsmasq) go beside it.
+//! first, `dns` (the agent against dnsmasq) beside it; service-count scaling (1 / 1,000 / 10,000 services)
+//! goes there too. `cargo xtask bench` runs the proxy suite, `cargo xtask bench dns` only DNS; each run rewrites
+//! its own key and keeps the others.
 
+mod dns;
 mod netns;
 mod proxy;
 mod tools;
@@ -18,8 +21,19 @@ use proxy::Target;
 /// Tools the bench drives; nginx-light is the HTTP backend (fast, and in Debian main).
 const BENCH_PACKAGES: &[&str] = &["wrk", "iperf3", "haproxy", "nginx-light", "iproute2", "iptables", "curl"];
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Suite {
+    /// The proxy suite (the default).
+    Proxy,
+    /// The agent's DNS server against dnsmasq.
+    Dns,
+}
+
 #[derive(clap::Args)]
 pub struct Args {
+    /// Which suite to run (default: proxy).
+    #[arg(value_enum)]
+    pub suite: Option<Suite>,
     /// Runs per measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
@@ -39,24 +53,42 @@ pub fn run(args: &Args) -> Result<()> {
     if args.runs == 0 || args.duration == 0 {
         bail!("--runs and --duration must be at least 1");
     }
-    setup::apt_install("bench", BENCH_PACKAGES)?;
-    netns::sweep_stale();
-    let targets = if args.targets.is_empty() { proxy::ALL.to_vec() } else { args.targets.clone() };
-    let agent = build_agent(&targets);
-
+    let suite = args.suite.unwrap_or(Suite::Proxy);
     let work = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));
-    let proxy = proxy::run(args, &targets, &work.join("proxy"), agent.as_deref().map_err(String::as_str));
+    let (key, result) = match suite {
+        Suite::Proxy => {
+            setup::apt_install("bench", BENCH_PACKAGES)?;
+            netns::sweep_stale();
+            let targets = if args.targets.is_empty() { proxy::ALL.to_vec() } else { args.targets.clone() };
+            let needs_agent = targets.iter().any(|t| matches!(t, Target::AgentUserspace | Target::AgentEbpf));
+            let agent = build_agent(needs_agent);
+            ("proxy", proxy::run(args, &targets, &work.join("proxy"), agent.as_deref().map_err(String::as_str)))
+        }
+        Suite::Dns => {
+            setup::apt_install("bench", dns::PACKAGES)?;
+            netns::sweep_stale();
+            let agent = build_agent(true);
+            ("dns", dns::run(args, &work.join("dns"), agent.as_deref().map_err(String::as_str)))
+        }
+    };
     let _ = std::fs::remove_dir_all(&work);
+    let result = result?;
 
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let results = json!({
-        "kernel": kernel.trim(),
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "runs": args.runs,
-        "durationSecs": args.duration,
-        "proxy": proxy?,
-    });
+    // Keep the other suites' keys from earlier runs.
     let path = cmd::target_dir().join("bench/results.json");
+    let mut results = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| json!({}));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    results["kernel"] = json!(kernel.trim());
+    results["cpus"] = json!(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    if suite == Suite::Proxy {
+        results["runs"] = json!(args.runs);
+        results["durationSecs"] = json!(args.duration);
+    }
+    results[key] = result;
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
     std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")?;
     println!("bench: wrote {}", path.display());
@@ -65,8 +97,8 @@ pub fn run(args: &Args) -> Result<()> {
 
 /// The agent binary, or why the agent targets must be skipped. A failing agent build does not stop the
 /// comparison targets.
-fn build_agent(targets: &[Target]) -> Result<PathBuf, String> {
-    if !targets.iter().any(|t| matches!(t, Target::AgentUserspace | Target::AgentEbpf)) {
+fn build_agent(needed: bool) -> Result<PathBuf, String> {
+    if !needed {
         return Err("not requested".into());
     }
     match cmd::run(cmd::cargo().args(["build", "--release", "-p", "mesh-agent"])) {
