@@ -74,6 +74,20 @@ impl Collector for ViewCollector {
             "1 when the agent is ready (catalog loaded, data path programmed)",
             [(vec![], gauge(view.ready()))],
         )?;
+        let applies = view.applies.load(std::sync::atomic::Ordering::Relaxed);
+        family(
+            &mut e,
+            "catalog_applies",
+            "Catalog snapshots applied (sources, health changes, retries)",
+            [(vec![], ConstCounter::new(applies))],
+        )?;
+        let micros = view.last_apply_micros.load(std::sync::atomic::Ordering::Relaxed);
+        family(
+            &mut e,
+            "catalog_last_apply_seconds",
+            "Time the last catalog snapshot took to reach IPAM, edge0 and the data path",
+            [(vec![], ConstGauge::new(micros as f64 / 1e6))],
+        )?;
         if let Some(k) = &catalog.kubernetes {
             family(
                 &mut e,

@@ -157,6 +157,9 @@ impl Reconciler {
         }
         self.view.publish(ServiceView::all(catalog, &assignment, &unhealthy), self.datapath.status());
         self.resolved.send_replace(Arc::new(Resolved { catalog: Arc::clone(catalog), vips: assignment.vips }));
+        self.view.applies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let took = started.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
+        self.view.last_apply_micros.store(took, std::sync::atomic::Ordering::Relaxed);
         if !changes.is_empty() {
             info!(changes = changes.len(), frontends = self.frontends.len(), took = ?started.elapsed(), "catalog applied");
         } else {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -107,6 +107,9 @@ pub struct View {
     frontend_stats: ArcSwap<Vec<(Frontend, FrontendStats)>>,
     /// Set once the first catalog has been applied to the data path.
     programmed: AtomicBool,
+    /// Catalog snapshots applied, and how long the last one took (µs), for the metrics.
+    pub applies: AtomicU64,
+    pub last_apply_micros: AtomicU64,
     pub catalog_source: Arc<SourceState>,
 }
 
@@ -117,6 +120,8 @@ impl View {
             datapath: ArcSwap::from_pointee(None),
             frontend_stats: ArcSwap::from_pointee(Vec::new()),
             programmed: AtomicBool::new(false),
+            applies: AtomicU64::new(0),
+            last_apply_micros: AtomicU64::new(0),
             catalog_source,
         }
     }

@@ -343,6 +343,8 @@ fn metrics_count_connections_and_backend_selections() {
         format!("mesh_agent_backend_selections_total{{{labels},backend=\"{b}\"}} 2"),
         "mesh_agent_datapath_mode{mode=\"userspace\"} 1".to_owned(),
         "mesh_agent_ready 1".to_owned(),
+        "mesh_agent_catalog_applies_total ".to_owned(),
+        "mesh_agent_catalog_last_apply_seconds ".to_owned(),
     ];
     // Counters reach the registry with the reconciler's next one-second refresh.
     let text = wait_for(Duration::from_secs(3), || {
