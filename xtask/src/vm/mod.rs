@@ -148,8 +148,13 @@ fn build(filter: Option<&str>) -> Result<(PathBuf, Vec<TestBinary>)> {
     // `--workspace` as `cargo xtask test` builds: the same features, so the same (already built) binaries. With
     // `-p mesh-agent` cargo would unify features differently and build the agent a second time.
     cargo.args(["test", "--workspace", "--lib", "--test", "ebpf", "--no-run"]);
-    cargo.arg("--message-format=json-render-diagnostics");
-    let json = cmd::output(&mut cargo)?;
+    cargo.arg("--message-format=json-render-diagnostics").stderr(std::process::Stdio::inherit());
+    println!("+ {}", cmd::display(&cargo));
+    let out = cargo.output().context("running cargo")?;
+    if !out.status.success() {
+        bail!("building the test binaries failed ({})", out.status);
+    }
+    let json = String::from_utf8_lossy(&out.stdout);
     let (mut agent, mut lib, mut ebpf) = (None, None, None);
     for line in json.lines() {
         let Ok(msg) = serde_json::from_str::<Value>(line) else { continue };
