@@ -15,8 +15,9 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
-mkdir -p /run/netns
-mount -t tmpfs tmpfs /tmp
+mkdir -p /run/netns /tmp
+# No tmpfs on /tmp: the root is already a writable tmpfs, and the workspace (with the binaries at their build
+# paths) may itself live under /tmp, as a CI checkout can.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 
