@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 
 use super::netns::{self, log_tail, Topology};
+use super::tools::median_of;
 use super::Args;
 use crate::cmd;
 
@@ -172,16 +173,6 @@ fn parse_dnsperf(out: &str) -> Result<Sample> {
     latencies.sort_by(f64::total_cmp);
     let pct = |q: f64| latencies[((q * latencies.len() as f64) as usize).min(latencies.len() - 1)] * 1e6;
     Ok(Sample { qps, p50_us: pct(0.5), p99_us: pct(0.99), lost })
-}
-
-fn median_of(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    }
 }
 
 /// Per-metric medians over the rounds; `lost` is the total.

@@ -76,7 +76,11 @@ pub struct Run {
 }
 
 pub fn median(runs: &[Run]) -> f64 {
-    let mut values: Vec<f64> = runs.iter().map(|r| r.value).collect();
+    median_of(runs.iter().map(|r| r.value).collect())
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+pub fn median_of(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
     if values.len() % 2 == 1 {
