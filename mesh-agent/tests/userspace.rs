@@ -21,6 +21,12 @@ fn vip(port: u16) -> SocketAddr {
     SocketAddr::new(VIP.parse().unwrap(), port)
 }
 
+/// HTTP backends answering their names, backend i on BACKEND_IPS[i]:8080; they stop when the Vec drops.
+fn http_backends<const N: usize>(t: &Topology, names: [&str; N]) -> (Vec<HttpBackend>, [SocketAddr; N]) {
+    let addrs: [SocketAddr; N] = std::array::from_fn(|i| backend_addr(i, 8080));
+    (names.iter().zip(addrs).map(|(name, addr)| HttpBackend::start(&t.backends, name, addr)).collect(), addrs)
+}
+
 /// GETs `addr` `n` times from the node namespace, each over a new connection; returns the answering backends.
 fn get_many(t: &Topology, addr: SocketAddr, n: usize) -> Vec<String> {
     t.node.run(move || (0..n).map(|_| http_get(addr).expect("GET through the VIP")).collect())
@@ -32,9 +38,7 @@ fn round_robin_alternates_exactly_over_two_backends() {
         return;
     }
     let t = Topology::new();
-    let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
-    let _ba = HttpBackend::start(&t.backends, "a", a);
-    let _bb = HttpBackend::start(&t.backends, "b", b);
+    let (_backends, [a, b]) = http_backends(&t, ["a", "b"]);
     let _agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a, b]));
     let answers = get_many(&t, vip(80), 10);
     assert!(answers.windows(2).all(|w| w[0] != w[1]), "not alternating: {answers:?}");
@@ -47,9 +51,7 @@ fn random_reaches_both_backends() {
         return;
     }
     let t = Topology::new();
-    let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
-    let _ba = HttpBackend::start(&t.backends, "a", a);
-    let _bb = HttpBackend::start(&t.backends, "b", b);
+    let (_backends, [a, b]) = http_backends(&t, ["a", "b"]);
     let options = Options { strategy: "Random", ..Options::default() };
     let _agent = Agent::start(&t.node, &options, &catalog("web", VIP, &[a, b]));
     let answers = get_many(&t, vip(80), 40);
@@ -62,8 +64,7 @@ fn curl_reaches_the_service() {
         return;
     }
     let t = Topology::new();
-    let a = backend_addr(0, 8080);
-    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let (_backends, [a]) = http_backends(&t, ["a"]);
     let _agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a]));
     let out = t.node.command("curl").args(["-sS", "--max-time", "5", &format!("http://{VIP}/")]).output().unwrap();
     assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
@@ -76,9 +77,7 @@ fn removed_endpoint_stops_receiving_within_a_second() {
         return;
     }
     let t = Topology::new();
-    let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
-    let _ba = HttpBackend::start(&t.backends, "a", a);
-    let _bb = HttpBackend::start(&t.backends, "b", b);
+    let (_backends, [a, b]) = http_backends(&t, ["a", "b"]);
     let agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a, b]));
     assert_eq!(get_many(&t, vip(80), 2).len(), 2);
     agent.write_catalog(&catalog("web", VIP, &[a]));
@@ -97,8 +96,7 @@ fn malformed_catalog_edit_keeps_the_old_service() {
         return;
     }
     let t = Topology::new();
-    let a = backend_addr(0, 8080);
-    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let (_backends, [a]) = http_backends(&t, ["a"]);
     let agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a]));
     agent.write_catalog("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports: [{port: eighty}]\n");
     let reported = wait_for(Duration::from_secs(3), || {
@@ -117,8 +115,7 @@ fn restart_keeps_the_pool_vip() {
         return;
     }
     let t = Topology::new();
-    let a = backend_addr(0, 8080);
-    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let (_backends, [a]) = http_backends(&t, ["a"]);
     let text = format!("{}---\n{}", catalog("first", "", &[a]), catalog("web", "", &[a]));
     let mut agent = Agent::start(&t.node, &Options::default(), &text);
     let before = agent.vip("default", "web");
@@ -191,9 +188,7 @@ fn thousand_concurrent_connections_complete() {
         return;
     }
     let t = Topology::new();
-    let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
-    let _ba = HttpBackend::start(&t.backends, "a", a);
-    let _bb = HttpBackend::start(&t.backends, "b", b);
+    let (_backends, [a, b]) = http_backends(&t, ["a", "b"]);
     let _agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a, b]));
     let ok = t.node.run(|| {
         // Open all 1,000 first so they are concurrent, then use each.
@@ -306,8 +301,7 @@ fn sigterm_drains_established_connections() {
         return;
     }
     let t = Topology::new();
-    let a = backend_addr(0, 8080);
-    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let (_backends, [a]) = http_backends(&t, ["a"]);
     let mut agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a]));
     // A socket keeps the namespace it was made in, so the test thread can use it.
     let mut conn = t.node.run(|| TcpStream::connect_timeout(&vip(80), Duration::from_secs(3))).expect("connect");
@@ -331,9 +325,7 @@ fn metrics_count_connections_and_backend_selections() {
         return;
     }
     let t = Topology::new();
-    let (a, b) = (backend_addr(0, 8080), backend_addr(1, 8080));
-    let _ba = HttpBackend::start(&t.backends, "a", a);
-    let _bb = HttpBackend::start(&t.backends, "b", b);
+    let (_backends, [a, b]) = http_backends(&t, ["a", "b"]);
     let agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a, b]));
     get_many(&t, vip(80), 4);
     let labels = format!("service=\"default/web\",frontend=\"{VIP}:80/TCP\"");
@@ -360,8 +352,7 @@ fn clients_from_other_hosts_are_refused_and_counted() {
         return;
     }
     let t = Topology::new();
-    let a = backend_addr(0, 8080);
-    let _ba = HttpBackend::start(&t.backends, "a", a);
+    let (_backends, [a]) = http_backends(&t, ["a"]);
     let agent = Agent::start(&t.node, &Options::default(), &catalog("web", VIP, &[a]));
     // The backend namespace stands for a host on the LAN that routes the VIP range to the node.
     t.backends.ip(&["route", "add", "10.250.0.0/16", "via", support::netns::NODE_IP]);
