@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -131,8 +132,9 @@ impl Reconciler {
         let unhealthy = Arc::clone(&self.health.unhealthy().borrow());
         without_unhealthy(&mut frontends, &unhealthy);
         let changes = datapath::diff(&self.frontends, &frontends);
-        let removals: Vec<_> = changes.iter().filter(|c| matches!(c, datapath::Change::Remove(_))).cloned().collect();
-        let upserts: Vec<_> = changes.iter().filter(|c| matches!(c, datapath::Change::Upsert(..))).cloned().collect();
+        let changed = changes.len();
+        let (removals, upserts): (Vec<_>, Vec<_>) =
+            changes.into_iter().partition(|c| matches!(c, datapath::Change::Remove(_)));
 
         // Remove frontends before their addresses go, and add addresses before new frontends use them.
         if let Err(e) = self.datapath.apply(&removals) {
@@ -157,11 +159,11 @@ impl Reconciler {
         }
         self.view.publish(ServiceView::all(catalog, &assignment, &unhealthy), self.datapath.status());
         self.resolved.send_replace(Arc::new(Resolved { catalog: Arc::clone(catalog), vips: assignment.vips }));
-        self.view.applies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.view.applies.fetch_add(1, Ordering::Relaxed);
         let took = started.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
-        self.view.last_apply_micros.store(took, std::sync::atomic::Ordering::Relaxed);
-        if !changes.is_empty() {
-            info!(changes = changes.len(), frontends = self.frontends.len(), took = ?started.elapsed(), "catalog applied");
+        self.view.last_apply_micros.store(took, Ordering::Relaxed);
+        if changed > 0 {
+            info!(changes = changed, frontends = self.frontends.len(), took = ?started.elapsed(), "catalog applied");
         } else {
             debug!(took = ?started.elapsed(), "catalog applied, no frontend changed");
         }
