@@ -19,7 +19,7 @@ use crate::ipam::Ipam;
 use crate::metrics::Metrics;
 use crate::reconcile::Reconciler;
 use crate::view::View;
-use crate::{admin, sources, state_file};
+use crate::{admin, dns, sources, state_file};
 
 pub async fn run(config: Config) -> Result<()> {
     info!(node = %config.node_name, version = env!("CARGO_PKG_VERSION"), "starting");
@@ -35,7 +35,8 @@ pub async fn run(config: Config) -> Result<()> {
         catalogs = catalog::merge::spawn(catalogs, api);
     }
     let view = Arc::new(View::new(source_state));
-    let metrics = Arc::new(Metrics::new(Arc::clone(&view)));
+    let dns_stats = config.dns.enable.then(|| Arc::new(dns::Stats::default()));
+    let metrics = Arc::new(Metrics::new(Arc::clone(&view), dns_stats.clone()));
     let admin = admin::server::serve(
         config.admin.listen,
         Arc::clone(&view),
@@ -56,10 +57,9 @@ pub async fn run(config: Config) -> Result<()> {
     let reconciler =
         Reconciler::new(ipam, device, datapath, dns_address, config.load_balancer.strategy, Arc::clone(&view), health);
     let resolved = reconciler.subscribe();
-    let dns = if config.dns.enable {
-        Some(crate::dns::start(&config.dns, resolved, shutdown_rx.clone(), sources).await?)
-    } else {
-        None
+    let dns = match dns_stats {
+        Some(stats) => Some(dns::start(&config.dns, resolved, shutdown_rx.clone(), sources, stats).await?),
+        None => None,
     };
     let reconciling = tokio::spawn(reconciler.run(catalogs, shutdown_rx));
 

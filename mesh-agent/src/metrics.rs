@@ -10,6 +10,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::dns;
 use crate::view::View;
 
 pub struct Metrics {
@@ -17,9 +18,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(view: Arc<View>) -> Self {
+    /// `dns`: the DNS server's counters, when it runs.
+    pub fn new(view: Arc<View>, dns: Option<Arc<dns::Stats>>) -> Self {
         let mut registry = Registry::with_prefix("mesh_agent");
-        registry.register_collector(Box::new(ViewCollector { view }));
+        registry.register_collector(Box::new(ViewCollector { view, dns }));
         Self { registry }
     }
 
@@ -32,6 +34,7 @@ impl Metrics {
 
 struct ViewCollector {
     view: Arc<View>,
+    dns: Option<Arc<dns::Stats>>,
 }
 
 impl std::fmt::Debug for ViewCollector {
@@ -177,6 +180,31 @@ impl Collector for ViewCollector {
             "Failed connects to each backend",
             per_backend(|b| b.connect_failures),
         )?;
+        if let Some(dns) = &self.dns {
+            family(
+                &mut e,
+                "dns_responses",
+                "DNS responses sent, by who answered (local: the cluster zone, upstream: forwarded, acl: refused \
+                 for the client's address) and response code",
+                dns.responses().into_iter().map(|(source, rcode, n)| {
+                    (vec![("source", source.as_str().to_owned()), ("rcode", rcode.to_owned())], ConstCounter::new(n))
+                }),
+            )?;
+            family(
+                &mut e,
+                "dns_request_duration_seconds",
+                "Time from reading a DNS query to sending its response, by who answered",
+                dns.latency().into_iter().map(|(source, h)| (vec![("source", source.as_str().to_owned())], h)),
+            )?;
+            family(
+                &mut e,
+                "dns_dropped_queries",
+                "DNS queries left unanswered: malformed (no header, or a response), overloaded (too many waiting)",
+                dns.dropped()
+                    .into_iter()
+                    .map(|(why, n)| (vec![("reason", why.as_str().to_owned())], ConstCounter::new(n))),
+            )?;
+        }
         Ok(())
     }
 }

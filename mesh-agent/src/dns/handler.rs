@@ -3,6 +3,7 @@
 //! goes to the forwarder. Sources outside the allow list get REFUSED for everything.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use hickory_server::net::runtime::Time;
@@ -14,6 +15,7 @@ use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 
 use super::allow::AllowList;
 use super::forward::Forwarder;
+use super::stats::{Source, Stats};
 use super::table::{wire_name, Lookup, Table};
 use super::wire::EDNS_PAYLOAD;
 
@@ -22,6 +24,7 @@ pub struct Handler {
     pub table: Arc<ArcSwap<Table>>,
     pub allow: Arc<ArcSwap<AllowList>>,
     forwarder: Arc<Forwarder>,
+    pub stats: Arc<Stats>,
 }
 
 /// A cluster-zone answer, borrowed from the table.
@@ -32,8 +35,40 @@ pub struct ZoneAnswer<'t> {
 }
 
 impl Handler {
-    pub fn new(table: Arc<ArcSwap<Table>>, allow: Arc<ArcSwap<AllowList>>, forwarder: Forwarder) -> Self {
-        Self { table, allow, forwarder: Arc::new(forwarder) }
+    pub fn new(
+        table: Arc<ArcSwap<Table>>,
+        allow: Arc<ArcSwap<AllowList>>,
+        forwarder: Forwarder,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Self { table, allow, forwarder: Arc::new(forwarder), stats }
+    }
+
+    /// Answers `request` through `response` and says who answered; the caller counts it.
+    pub async fn respond<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response: R,
+    ) -> (Source, ResponseInfo) {
+        let edns = response_edns(request);
+        let failed = || failed(request);
+        if !self.allow.load().allows(request.src().ip()) {
+            let sent = response.send_response(error_response(request, ResponseCode::Refused, edns.as_ref())).await;
+            return (Source::Acl, sent.unwrap_or_else(|_| failed()));
+        }
+        let table = self.table.load_full();
+        if let Some(answer) = zone_answer(&table, request) {
+            let message = zone_response(request, &answer, edns.as_ref());
+            return (Source::Local, response.send_response(message).await.unwrap_or_else(|_| failed()));
+        }
+        let info = match self.forwarder.catalog() {
+            Some(catalog) => catalog.handle_request::<R, T>(request, response).await,
+            None => response
+                .send_response(error_response(request, ResponseCode::ServFail, edns.as_ref()))
+                .await
+                .unwrap_or_else(|_| failed()),
+        };
+        (Source::Upstream, info)
     }
 }
 
@@ -143,28 +178,14 @@ fn failed(request: &Request) -> ResponseInfo {
     ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
 }
 
+/// TCP queries come here, timed from when hickory has read them (UDP ones go through [`Handler::respond`], timed from
+/// when their batch was read).
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
-        let edns = response_edns(request);
-        let failed = || failed(request);
-        if !self.allow.load().allows(request.src().ip()) {
-            return response
-                .send_response(error_response(request, ResponseCode::Refused, edns.as_ref()))
-                .await
-                .unwrap_or_else(|_| failed());
-        }
-        let table = self.table.load_full();
-        if let Some(answer) = zone_answer(&table, request) {
-            let message = zone_response(request, &answer, edns.as_ref());
-            return response.send_response(message).await.unwrap_or_else(|_| failed());
-        }
-        match self.forwarder.catalog() {
-            Some(catalog) => catalog.handle_request::<R, T>(request, response).await,
-            None => response
-                .send_response(error_response(request, ResponseCode::ServFail, edns.as_ref()))
-                .await
-                .unwrap_or_else(|_| failed()),
-        }
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response: R) -> ResponseInfo {
+        let start = Instant::now();
+        let (source, info) = self.respond::<R, T>(request, response).await;
+        self.stats.shared().answered(source, info.response_code.into(), 1, start.elapsed());
+        info
     }
 }

@@ -9,12 +9,14 @@
 //! ```
 //! The hot path exists because hickory's own server reached about half of dnsmasq's query rate (DESIGN.md).
 //! Who may ask (`allow`): cluster-zone answers too go only to allowed sources; everyone else gets REFUSED.
+//! Every query is counted (`stats`: atomics the `/metrics` scrape reads), by who answered and how, and timed.
 
 mod allow;
 mod forward;
 mod handler;
 mod resolv_conf;
 mod server;
+mod stats;
 pub mod table;
 mod udp;
 pub mod wire;
@@ -33,18 +35,21 @@ use tracing::{debug, info, warn};
 
 pub use allow::AllowList;
 use resolv_conf::ResolvConf;
+pub use stats::Stats;
 pub use table::{Table, Zone};
 
 use crate::config::DnsConfig;
 use crate::reconcile::Resolved;
 use crate::sources::Sources;
 
-/// Binds `config.listen` (UDP and TCP) and serves until `shutdown` turns true; answers follow `resolved`.
+/// Binds `config.listen` (UDP and TCP) and serves until `shutdown` turns true; answers follow `resolved`, and every
+/// query is counted in `stats`.
 pub async fn start(
     config: &DnsConfig,
     mut resolved: watch::Receiver<Arc<Resolved>>,
     mut shutdown: watch::Receiver<bool>,
     allow: Sources,
+    stats: Arc<Stats>,
 ) -> Result<JoinHandle<()>> {
     let zone = Zone { domain: config.domain.clone(), ttl: config.ttl };
     let first = resolved.borrow_and_update().clone();
@@ -54,7 +59,7 @@ pub async fn start(
     // a node without resolv.conf has no upstreams: cluster names still work
     let original = ResolvConf::original(resolv_conf_path).unwrap_or_default();
     let forwarder = forward::Forwarder::new(config, &original)?;
-    let handler = handler::Handler::new(Arc::clone(&table), Arc::clone(&allow), forwarder);
+    let handler = handler::Handler::new(Arc::clone(&table), Arc::clone(&allow), forwarder, stats);
     let mut server = server::Server::bind(config.listen, handler)?;
     info!(listen = %config.listen, zone = %config.domain, "DNS: serving");
     let managed = if config.manage_resolv_conf {

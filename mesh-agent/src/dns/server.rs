@@ -33,11 +33,11 @@ impl Server {
     pub fn bind(listen: SocketAddr, handler: Handler) -> Result<Self> {
         let shared = Arc::new(Shared::new(handler.clone(), Handle::current()));
         let mut udp = Vec::new();
-        for i in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        for i in 0..udp_threads() {
             let socket = Arc::new(udp_socket(listen).with_context(|| format!("DNS: binding UDP {listen}"))?);
             let shared = Arc::clone(&shared);
             let thread =
-                std::thread::Builder::new().name(format!("dns-udp-{i}")).spawn(move || udp::serve(socket, shared));
+                std::thread::Builder::new().name(format!("dns-udp-{i}")).spawn(move || udp::serve(socket, shared, i));
             udp.push(thread.context("DNS: starting a UDP thread")?);
         }
         let mut tcp = hickory_server::Server::new(handler);
@@ -58,6 +58,11 @@ impl Server {
             debug!("DNS: TCP server: {e}");
         }
     }
+}
+
+/// One UDP thread per core.
+pub fn udp_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn socket(listen: SocketAddr, kind: Type) -> Result<Socket> {

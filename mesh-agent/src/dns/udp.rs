@@ -9,18 +9,20 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSo
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use hickory_server::net::runtime::TokioTime;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::net::NetError;
 use hickory_server::proto::rr::Record;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::server::{Request, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponse;
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tracing::debug;
 
 use super::handler::{encode_udp, Handler};
+use super::stats::{Dropped, Shard, Source};
 use super::wire::{self, Fast};
 
 /// Queries taken per recvmmsg.
@@ -152,9 +154,11 @@ impl Batch {
     }
 }
 
-/// Serves `socket` until `shared.stop` is set; the socket's receive timeout bounds how long that takes to notice.
-pub fn serve(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
+/// Serves `socket` as UDP thread `index` until `shared.stop` is set; the socket's receive timeout bounds how long
+/// that takes to notice.
+pub fn serve(socket: Arc<UdpSocket>, shared: Arc<Shared>, index: usize) {
     let mut batch = Batch::new();
+    let stats = shared.handler.stats.udp(index);
     while !shared.stop.load(Ordering::Relaxed) {
         let n = match batch.recv(&socket) {
             Ok(n) => n,
@@ -165,50 +169,71 @@ pub fn serve(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
                 continue;
             }
         };
+        let received = Instant::now();
         let table = shared.handler.table.load();
         let allow = shared.handler.allow.load();
+        // hot-path replies per response code, counted once per batch
+        let mut rcodes = [0u64; 16];
         for i in 0..n {
             let Some(src) = batch.source(i) else { continue };
             let packet = &batch.bufs[i][..batch.msgs[i].msg_len as usize];
             let fast =
                 if allow.allows(src.ip()) { wire::answer(&table, packet, &mut batch.replies[i]) } else { Fast::Slow };
             match fast {
-                Fast::Reply => batch.answered.push(i),
-                Fast::Drop => {}
-                Fast::Slow => slow(&shared, &socket, packet, src),
+                Fast::Reply => {
+                    rcodes[usize::from(batch.replies[i][3] & 0x0f)] += 1;
+                    batch.answered.push(i);
+                }
+                Fast::Drop => stats.dropped(Dropped::Malformed),
+                Fast::Slow => slow(&shared, stats, &socket, packet, src, received),
             }
         }
         batch.send(&socket);
+        // the batch's replies leave together, each after waiting since the batch was read
+        let latency = received.elapsed();
+        for (rcode, &count) in rcodes.iter().enumerate().filter(|(_, &count)| count > 0) {
+            stats.answered(Source::Local, rcode as u16, count, latency);
+        }
     }
 }
 
-fn slow(shared: &Shared, socket: &Arc<UdpSocket>, packet: &[u8], src: SocketAddr) {
+fn slow(shared: &Shared, stats: &Shard, socket: &Arc<UdpSocket>, packet: &[u8], src: SocketAddr, received: Instant) {
     let Ok(permit) = Arc::clone(&shared.slow).try_acquire_owned() else {
         // debug, not warn: under a flood this line would be the flood
         debug!("DNS: {MAX_SLOW_IN_FLIGHT} queries in flight; dropping one from {src}");
+        stats.dropped(Dropped::Overloaded);
         return;
     };
     let (packet, handler, socket) = (packet.to_vec(), shared.handler.clone(), Arc::clone(socket));
     shared.runtime.spawn(async move {
-        answer_slow(packet, src, handler, socket).await;
+        answer_slow(packet, src, handler, socket, received).await;
         drop(permit);
     });
 }
 
-async fn answer_slow(packet: Vec<u8>, src: SocketAddr, handler: Handler, socket: Arc<UdpSocket>) {
+/// Answers a query the hot path left and counts it, timed from when its batch was read.
+async fn answer_slow(packet: Vec<u8>, src: SocketAddr, handler: Handler, socket: Arc<UdpSocket>, received: Instant) {
+    let stats = handler.stats.shared();
     let formerr = wire::formerr(&packet);
     let request = match Request::from_bytes(packet, src, Protocol::Udp) {
         Ok(request) => request,
         Err(e) => {
             debug!("DNS: malformed query from {src}: {e}");
-            if let Some(reply) = formerr {
-                let _ = socket.send_to(&reply, src);
+            match formerr {
+                Some(reply) => {
+                    if socket.send_to(&reply, src).is_ok() {
+                        stats.answered(Source::Local, 1, 1, received.elapsed());
+                    }
+                }
+                None => stats.dropped(Dropped::Malformed),
             }
             return;
         }
     };
     let max_payload = request.max_payload();
-    handler.handle_request::<_, TokioTime>(&request, UdpResponder { socket, dst: src, max_payload }).await;
+    let responder = UdpResponder { socket, dst: src, max_payload };
+    let (source, info) = handler.respond::<_, TokioTime>(&request, responder).await;
+    stats.answered(source, info.response_code.into(), 1, received.elapsed());
 }
 
 /// Sends hickory's responses on the UDP socket the query came in on, within the client's payload size. The socket is
