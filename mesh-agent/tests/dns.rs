@@ -3,11 +3,12 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::net::UdpSocket;
 use std::time::Duration;
 
 use support::agent::{Agent, Options};
-use support::dns::{dig, Dig, Dnsmasq, SERVER};
+use support::dns::{dig, dns_metrics, Dig, Dnsmasq, SERVER};
 use support::netns::Netns;
 use support::{require_root, wait_for};
 
@@ -206,7 +207,7 @@ fn sources_outside_the_allow_list_are_refused() {
         return;
     }
     let ns = Netns::new("dns");
-    let _agent = Agent::start(
+    let agent = Agent::start(
         &ns,
         &Options { extra: "dns: {allowFrom: [10.99.0.0/16], upstreams: [127.0.0.53]}", ..Options::default() },
         CATALOG,
@@ -217,8 +218,98 @@ fn sources_outside_the_allow_list_are_refused() {
         (d.status == "REFUSED").then_some(d)
     });
     assert!(refused.is_some_and(|d| d.answers.is_empty()));
+    let before = dns_metrics(&agent);
     assert_eq!(dig(&ns, &["www.example.test"]).status, "REFUSED");
     assert_eq!(dig(&ns, &["+tcp", "web.default.svc.cluster.local"]).status, "REFUSED");
+    // counted as the ACL's, not as the zone's or the upstream's
+    let counted = wait_for(Duration::from_secs(5), || {
+        let delta = delta(&before, &dns_metrics(&agent));
+        (delta.get(r#"mesh_agent_dns_request_duration_seconds_count{source="acl"}"#) == Some(&2)).then_some(delta)
+    });
+    let responses = counted.map(|d| only(&d, "mesh_agent_dns_responses_total"));
+    assert_eq!(responses, Some(BTreeMap::from([(r#"{source="acl",rcode="REFUSED"}"#.to_owned(), 2)])));
+}
+
+/// How much each series grew from `before` to `after`; series that did not grow are left out.
+fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(series, v)| (series.clone(), (v - before.get(series).copied().unwrap_or(0.0)) as u64))
+        .filter(|(_, d)| *d > 0)
+        .collect()
+}
+
+/// The series of metric `name` in `delta`, keyed by their labels.
+fn only(delta: &BTreeMap<String, u64>, name: &str) -> BTreeMap<String, u64> {
+    delta.iter().filter_map(|(series, d)| Some((series.strip_prefix(name)?.to_owned(), *d))).collect()
+}
+
+#[test]
+fn metrics_count_responses_by_source_and_rcode_and_time_them() {
+    if !require_root("metrics_count_responses_by_source_and_rcode_and_time_them") {
+        return;
+    }
+    let ns = Netns::new("dns");
+    let _upstream =
+        Dnsmasq::start(&ns, UPSTREAM, &["--address=/example.test/192.0.2.1".into(), "--address=/gone.test/".into()]);
+    let agent = agent(&ns, "");
+    let before = dns_metrics(&agent);
+
+    // the cluster zone: the hot path, TCP, and hickory's UDP path (ANY, which dig would send over TCP)
+    for _ in 0..5 {
+        assert_eq!(dig(&ns, &["web.default.svc.cluster.local"]).status, "NOERROR");
+    }
+    for _ in 0..3 {
+        assert_eq!(dig(&ns, &["nope.default.svc.cluster.local"]).status, "NXDOMAIN");
+    }
+    assert_eq!(dig(&ns, &["+tcp", "web.default.svc.cluster.local"]).status, "NOERROR");
+    assert_eq!(dig(&ns, &["+notcp", "web.default.svc.cluster.local", "ANY"]).status, "NOERROR");
+    // forwarded
+    assert_eq!(dig(&ns, &["www.example.test"]).status, "NOERROR");
+    assert_eq!(dig(&ns, &["nothing.gone.test"]).status, "NXDOMAIN");
+    // a runt (dropped) and a header without its question (FORMERR)
+    let formerr = ns.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        socket.send_to(&[0xab, 0xcd, 0x01], (SERVER, 53)).unwrap();
+        socket.send_to(&[0xab, 0xcd, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0], (SERVER, 53)).unwrap();
+        let mut buf = [0u8; 512];
+        socket.recv(&mut buf).map(|_| buf[3] & 0x0f).ok()
+    });
+    assert_eq!(formerr, Some(1));
+
+    // each answer is counted just after it is sent: wait until all are, in the counters and in the histogram
+    let total = 5 + 3 + 1 + 1 + 2 + 1;
+    let counted = wait_for(Duration::from_secs(5), || {
+        let delta = delta(&before, &dns_metrics(&agent));
+        let responses: u64 = only(&delta, "mesh_agent_dns_responses_total").values().sum();
+        let timed: u64 = only(&delta, "mesh_agent_dns_request_duration_seconds_count").values().sum();
+        let dropped = delta.contains_key(r#"mesh_agent_dns_dropped_queries_total{reason="malformed"}"#);
+        (responses == total && timed == total && dropped).then_some(delta)
+    });
+    let delta = counted.unwrap_or_else(|| panic!("not all counted:\n{}", agent.get("/metrics").unwrap().1));
+    let labels = |pairs: &[(&str, u64)]| pairs.iter().map(|(l, n)| (l.to_string(), *n)).collect::<BTreeMap<_, _>>();
+    assert_eq!(
+        only(&delta, "mesh_agent_dns_responses_total"),
+        labels(&[
+            (r#"{source="local",rcode="NOERROR"}"#, 7),
+            (r#"{source="local",rcode="NXDOMAIN"}"#, 3),
+            (r#"{source="local",rcode="FORMERR"}"#, 1),
+            (r#"{source="upstream",rcode="NOERROR"}"#, 1),
+            (r#"{source="upstream",rcode="NXDOMAIN"}"#, 1),
+        ])
+    );
+    assert_eq!(
+        only(&delta, "mesh_agent_dns_request_duration_seconds_count"),
+        labels(&[(r#"{source="local"}"#, 11), (r#"{source="upstream"}"#, 2)])
+    );
+    // every observation lands in a bucket, +Inf holding them all
+    for source in ["local", "upstream"] {
+        let inf = format!(r#"mesh_agent_dns_request_duration_seconds_bucket{{le="+Inf",source="{source}"}}"#);
+        let count = format!(r#"mesh_agent_dns_request_duration_seconds_count{{source="{source}"}}"#);
+        assert_eq!(delta.get(&inf), delta.get(&count), "{source}");
+    }
+    assert_eq!(only(&delta, "mesh_agent_dns_dropped_queries_total"), labels(&[(r#"{reason="malformed"}"#, 1)]));
 }
 
 #[test]

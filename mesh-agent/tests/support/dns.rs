@@ -1,9 +1,12 @@
-//! DNS clients and servers for tests: `dig` run inside a namespace and parsed, and a `dnsmasq` upstream.
+//! DNS clients and servers for tests: `dig` run inside a namespace and parsed, a `dnsmasq` upstream, and the
+//! agent's DNS metrics.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use super::agent::Agent;
 use super::netns::Netns;
 use super::wait_for;
 
@@ -109,4 +112,17 @@ impl Drop for Dnsmasq {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The agent's `mesh_agent_dns_*` samples, keyed by series as written (`name{labels}`).
+pub fn dns_metrics(agent: &Agent) -> BTreeMap<String, f64> {
+    let (status, text) = agent.get("/metrics").expect("scraping /metrics");
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter(|line| line.starts_with("mesh_agent_dns_"))
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("a sample line");
+            (series.to_owned(), value.parse().unwrap_or_else(|_| panic!("a number in {line:?}")))
+        })
+        .collect()
 }
