@@ -137,6 +137,12 @@ impl Agent {
         .expect("admin client thread")
     }
 
+    /// The value of one series of `/metrics`, given as printed: `name{labels}`.
+    pub fn metric(&self, series: &str) -> Option<u64> {
+        let (_, text) = self.get("/metrics").ok()?;
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     pub fn services(&self) -> serde_json::Value {
         let (status, body) = self.get("/api/v1/services").expect("admin API");
         assert_eq!(status, 200, "{body}");

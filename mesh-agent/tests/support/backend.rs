@@ -132,3 +132,100 @@ impl Drop for UdpEcho {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// A server in a process of its own (python3), so that a test can SIGKILL it as a crash would (listening socket
+/// and established connections together), or so that its descriptors do not count against the test process's
+/// limit. Killed on drop.
+pub struct ServerProcess {
+    pub name: String,
+    pub addr: SocketAddr,
+    child: Option<std::process::Child>,
+}
+
+/// HTTP/1.1 answering every GET with the server's name.
+const HTTP_SERVER: &str = r#"
+import http.server, sys
+
+name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = name.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+class Server(http.server.ThreadingHTTPServer):
+    # The default listen backlog of 5 would drop SYNs of a burst: a failure the test did not cause.
+    request_queue_size = 1024
+
+Server((host, port), Handler).serve_forever()
+"#;
+
+/// TCP echo keeping every connection it accepts (one coroutine each), with a listen backlog of argv[4]; the
+/// namespace's net.core.somaxconn caps it.
+const ECHO_SERVER: &str = r#"
+import asyncio, sys
+
+name, host, port, backlog = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+async def echo(reader, writer):
+    while data := await reader.read(4096):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(echo, host, port, backlog=backlog)
+    await server.serve_forever()
+
+asyncio.run(main())
+"#;
+
+impl ServerProcess {
+    /// An HTTP server named `name` on `addr` in `ns`, once it accepts connections.
+    pub fn http(ns: &Netns, name: &str, addr: SocketAddr) -> Self {
+        Self::start(ns, HTTP_SERVER, name, addr, &[])
+    }
+
+    /// An echo server on `addr` in `ns` with room for `backlog` connections not yet accepted.
+    pub fn echo(ns: &Netns, addr: SocketAddr, backlog: u32) -> Self {
+        Self::start(ns, ECHO_SERVER, "echo", addr, &[&backlog.to_string()])
+    }
+
+    fn start(ns: &Netns, script: &str, name: &str, addr: SocketAddr, extra: &[&str]) -> Self {
+        let child = ns
+            .command("python3")
+            .args(["-c", script, name, &addr.ip().to_string(), &addr.port().to_string()])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("starting python3");
+        let server = Self { name: name.to_owned(), addr, child: Some(child) };
+        let listening = super::wait_for(Duration::from_secs(10), || {
+            ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok())
+        });
+        assert!(listening.is_some(), "{name} does not listen on {addr}");
+        server
+    }
+
+    /// SIGKILL, as a crash or the OOM killer ends a process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

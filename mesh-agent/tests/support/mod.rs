@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cgroup;
 pub mod dns;
 pub mod fake_apiserver;
+pub mod load;
 pub mod netns;
 
 use std::time::{Duration, Instant};
@@ -39,5 +40,23 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Lifts this test process's descriptor limit, soft and hard, to `want` where it may (root with
+/// CAP_SYS_RESOURCE), else the soft limit to the hard one; returns the limit now in force. Processes it starts,
+/// the agent among them, inherit it.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        let wanted = libc::rlimit { rlim_cur: want, rlim_max: limit.rlim_max.max(want) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+            return want;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        limit.rlim_cur
     }
 }

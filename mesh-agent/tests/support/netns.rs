@@ -36,6 +36,12 @@ impl Netns {
         ip(&all);
     }
 
+    /// Sets a per-namespace sysctl (`net.*`), e.g. `net.core.somaxconn`.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let out = self.command("sysctl").args(["-qw", &format!("{key}={value}")]).output().expect("running sysctl");
+        assert!(out.status.success(), "sysctl {key}={value}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// Runs `f` on a thread inside this namespace and returns its result.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         self.spawn(f).join().expect("thread in netns panicked")
