@@ -6,6 +6,7 @@ mod cmd;
 mod fuzz;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod vm;
 
@@ -47,6 +48,8 @@ enum Task {
     },
     /// Compare direct, iptables DNAT, haproxy and the agent's datapaths side by side.
     Bench(bench::Args),
+    /// Run the release agent for a long while under mixed load; fail if its memory or descriptors grow.
+    Soak(soak::Args),
     /// Run the eBPF data path's tests in QEMU guests on Debian's 5.10 and 6.1 kernels (the kernel matrix).
     TestVm(vm::Args),
 }
@@ -82,6 +85,7 @@ fn main() {
         Task::Test { no_vm, args } => test::run(&args, &after, !no_vm),
         Task::Fuzz { seconds } => fuzz::run(seconds),
         Task::Bench(args) => bench::run(&args),
+        Task::Soak(args) => soak::run(&args),
         Task::TestVm(args) => vm::run(&args),
     };
     if let Err(err) = result {

@@ -6,9 +6,9 @@
 //! its own key and keeps the others.
 
 mod dns;
-mod netns;
-mod proxy;
-mod tools;
+pub(crate) mod netns;
+pub(crate) mod proxy;
+pub(crate) mod tools;
 
 use std::path::PathBuf;
 

@@ -1,7 +1,7 @@
 //! The proxy suite: one service, one backend, the same clients, through each way of getting from a VIP to a
 //! backend (see [`Target`]), measured for keep-alive requests, new connections and throughput.
 
-mod targets;
+pub(crate) mod targets;
 
 use std::path::Path;
 

@@ -83,7 +83,7 @@ impl Ready {
     }
 }
 
-fn start_backends(topo: &mut Topology, work: &Path) -> Result<()> {
+pub(crate) fn start_backends(topo: &mut Topology, work: &Path) -> Result<()> {
     let conf = work.join("nginx.conf");
     let mut text = String::new();
     // One worker: the other core is the client's (and the proxy's, for the proxy targets).
