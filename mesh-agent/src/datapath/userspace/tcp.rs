@@ -42,7 +42,7 @@ pub(super) struct Listener(Mutex<Option<TcpListener>>);
 impl Listener {
     /// Must run inside the runtime (the socket registers with its reactor).
     pub fn bind(addr: SocketAddr) -> io::Result<Self> {
-        let socket = super::bind(addr, Type::STREAM)?;
+        let socket = super::bind(addr, Type::STREAM, true)?;
         // Accepted sockets inherit it: one setsockopt per listener instead of one per connection.
         socket.set_tcp_nodelay(true)?;
         socket.listen(BACKLOG)?;
