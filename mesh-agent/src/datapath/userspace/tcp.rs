@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
-use socket2::{SockRef, Type};
+use socket2::{Domain, SockRef, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
@@ -93,11 +94,6 @@ async fn handle(client: TcpStream, peer: IpAddr, frontend: Arc<FrontendState>, p
         reset(&client);
         return;
     };
-    // Small writes (requests, a protocol's acks) must leave at once: the proxy adds no batching of its own. The
-    // client side has TCP_NODELAY from the listener.
-    if let Err(e) = backend.set_nodelay(true) {
-        debug!(error = %e, "TCP_NODELAY");
-    }
     if let Err(e) = splice::proxy(&client, &backend, &pool, counters).await {
         debug!(error = %e, %peer, "connection aborted");
         // Pass an abort on as an abort: a plain FIN would let the other side take a truncated stream as complete.
@@ -112,7 +108,7 @@ async fn connect(frontend: &FrontendState, client: IpAddr) -> Option<TcpStream> 
     let mut next = route.pick(client);
     for _ in 0..route.backends().len().min(MAX_ATTEMPTS) {
         let backend = next?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect_to(backend)).await {
             Ok(Ok(stream)) => return Some(stream),
             Ok(Err(e)) => debug!(%backend, error = %e, "backend connect failed"),
             Err(_) => debug!(%backend, "backend connect timed out"),
@@ -121,6 +117,26 @@ async fn connect(frontend: &FrontendState, client: IpAddr) -> Option<TcpStream> 
         next = route.next_after(client, backend);
     }
     None
+}
+
+/// A connection to `backend`. Unlike `TcpStream::connect`, it asks the kernel for the socket's error
+/// (getsockopt SO_ERROR) only when epoll reported one, not after every successful connect.
+async fn connect_to(backend: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(backend), Type::STREAM.nonblocking(), None)?;
+    // Small writes (requests, a protocol's acks) must leave at once: the proxy adds no batching of its own. The
+    // client side has TCP_NODELAY from the listener.
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&backend.into()) {
+        Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => return Err(e),
+        _ => {}
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    // A failed connect raises EPOLLERR (and HUP) along with EPOLLOUT; success raises EPOLLOUT alone.
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream.take_error()?.unwrap_or_else(|| io::ErrorKind::ConnectionRefused.into()));
+    }
+    Ok(stream)
 }
 
 /// Closes with SO_LINGER 0, so the peer gets a RST now instead of a FIN (and nothing lingers in TIME_WAIT).
