@@ -1,17 +1,24 @@
 //! The file source: catalog files of Kubernetes manifests, watched.
 //!
-//! Files are polled (every [`POLL`]) rather than watched with inotify: polling sees atomic renames, editors'
-//! swap-and-replace and files on any filesystem alike, and bounds the time to apply an edit.
+//! Files are polled (every [`POLL`]): polling sees atomic renames, editors' swap-and-replace and files on any
+//! filesystem alike, and bounds the time to apply an edit. Where inotify works, a write to a file's directory
+//! wakes the poll at once, so an edit takes effect in milliseconds rather than at the next tick.
+//!
+//! A file's documents are kept with their parsed objects: an edit to one service of a 10,000-service file
+//! re-parses that service's documents only, the rest are found unchanged by their text.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
+use futures::StreamExt;
+use inotify::{EventStream, Inotify, WatchMask};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::{Catalog, Objects};
+use super::{manifest, Catalog, Objects};
 use crate::catalog::SourceState;
 
 pub const POLL: Duration = Duration::from_millis(200);
@@ -30,11 +37,11 @@ fn fingerprint(path: &Path) -> Option<Fingerprint> {
     Some(Fingerprint { modified: meta.modified().ok()?, len: meta.len(), inode: meta.ino() })
 }
 
-/// One watched file and the objects of its last good version.
+/// One watched file and the objects of its last good version, per document.
 struct Watched {
     path: PathBuf,
     seen: Option<Fingerprint>,
-    objects: Objects,
+    documents: Vec<(String, Arc<Objects>)>,
 }
 
 impl Watched {
@@ -52,9 +59,9 @@ impl Watched {
             state.set_error(error);
             return false;
         }
-        match read_objects(&self.path) {
-            Ok(objects) => {
-                self.objects = objects;
+        match self.read() {
+            Ok(documents) => {
+                self.documents = documents;
                 true
             }
             Err(e) => {
@@ -65,25 +72,48 @@ impl Watched {
             }
         }
     }
-}
 
-pub fn read_objects(path: &Path) -> Result<Objects> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    Objects::parse(&text).with_context(|| path.display().to_string())
+    /// The file's documents, parsing only those whose text the last good version did not have.
+    fn read(&self) -> Result<Vec<(String, Arc<Objects>)>> {
+        let text =
+            std::fs::read_to_string(&self.path).with_context(|| format!("{}: cannot read", self.path.display()))?;
+        let known: HashMap<&str, &Arc<Objects>> = self.documents.iter().map(|(t, o)| (t.as_str(), o)).collect();
+        manifest::documents(&text)
+            .into_iter()
+            .map(|(line, doc)| {
+                let objects = match known.get(doc) {
+                    Some(objects) => Arc::clone(objects),
+                    None => {
+                        Arc::new(Objects::parse_document(line, doc).with_context(|| self.path.display().to_string())?)
+                    }
+                };
+                Ok((doc.to_owned(), objects))
+            })
+            .collect()
+    }
 }
 
 /// Reads `paths` now and then watches them, publishing each new good catalog. The first catalog is built before
 /// this returns, so the agent starts with the files' services in place.
 pub fn spawn(paths: Vec<PathBuf>, state: Arc<SourceState>) -> watch::Receiver<Arc<Catalog>> {
+    let mut wake = notifications(&paths);
     let mut files: Vec<Watched> =
-        paths.into_iter().map(|path| Watched { path, seen: None, objects: Objects::default() }).collect();
+        paths.into_iter().map(|path| Watched { path, seen: None, documents: Vec::new() }).collect();
     let initial = rebuild(&mut files, &state).unwrap_or_default();
     let (tx, rx) = watch::channel(Arc::new(initial));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                event = next(&mut wake) => {
+                    if let Some(Err(e)) = event {
+                        debug!(error = %e, "inotify failed, polling only");
+                        wake = None;
+                    }
+                }
+            }
             if let Some(catalog) = rebuild(&mut files, &state) {
                 if **tx.borrow() != catalog && tx.send(Arc::new(catalog)).is_err() {
                     return; // the agent is shutting down
@@ -94,17 +124,36 @@ pub fn spawn(paths: Vec<PathBuf>, state: Arc<SourceState>) -> watch::Receiver<Ar
     rx
 }
 
+/// Events in the files' directories (a file replaced by rename is a new inode, so the directory is what to watch).
+/// `None` where inotify is unavailable: polling alone then sees every change.
+fn notifications(paths: &[PathBuf]) -> Option<EventStream<Vec<u8>>> {
+    let inotify = Inotify::init().map_err(|e| debug!(error = %e, "no inotify, polling only")).ok()?;
+    let mask = WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::DELETE;
+    for path in paths {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if let Err(e) = inotify.watches().add(dir, mask) {
+            debug!(dir = %dir.display(), error = %e, "cannot watch, polling only");
+        }
+    }
+    inotify.into_event_stream(vec![0; 4096]).map_err(|e| debug!(error = %e, "no inotify, polling only")).ok()
+}
+
+/// The next directory event; pending forever without inotify.
+async fn next(wake: &mut Option<EventStream<Vec<u8>>>) -> Option<std::io::Result<()>> {
+    match wake {
+        Some(events) => events.next().await.map(|e| e.map(drop)),
+        None => std::future::pending().await,
+    }
+}
+
 /// A new catalog when some file changed and the whole set still makes a valid catalog.
 fn rebuild(files: &mut [Watched], state: &SourceState) -> Option<Catalog> {
     let changed = files.iter_mut().fold(false, |changed, f| f.refresh(state) | changed);
     if !changed && state.files_synced() {
         return None;
     }
-    let mut all = Objects::default();
-    for f in files.iter() {
-        all.extend(f.objects.clone());
-    }
-    match all.to_catalog() {
+    let parts = files.iter().flat_map(|f| f.documents.iter().map(|(_, objects)| objects.as_ref()));
+    match manifest::catalog_of(parts) {
         Ok(catalog) => {
             info!(services = catalog.services.len(), "catalog files loaded");
             state.set_synced();

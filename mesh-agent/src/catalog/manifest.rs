@@ -1,7 +1,7 @@
 //! Kubernetes manifests → catalog: `v1 Service`, `discovery.k8s.io/v1 EndpointSlice` and legacy `v1 Endpoints`,
 //! in multi-document YAML or a `List`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -48,9 +48,16 @@ impl Objects {
     /// Parses multi-document YAML. An error names the document's first line, the field path and the reason.
     pub fn parse(text: &str) -> Result<Self> {
         let mut objects = Objects::default();
-        for (start_line, doc) in split_documents(text) {
-            objects.add_document(doc).map_err(|e| anyhow!("line {}: {e}", start_line + e.line))?;
+        for (start_line, doc) in documents(text) {
+            objects.extend(Self::parse_document(start_line, doc)?);
         }
+        Ok(objects)
+    }
+
+    /// Parses one document of [`documents`]; errors name lines counted from `start_line`.
+    pub fn parse_document(start_line: usize, doc: &str) -> Result<Self> {
+        let mut objects = Objects::default();
+        objects.add_document(doc).map_err(|e| anyhow!("line {}: {e}", start_line + e.line))?;
         Ok(objects)
     }
 
@@ -99,46 +106,49 @@ impl Objects {
         Ok(())
     }
 
-    /// Joins services with their endpoints. Objects that make no sense (a service without a name, a port out of
-    /// range) are errors naming the object; endpoints of unknown services are kept out silently, as Kubernetes
-    /// keeps them until their service appears.
+    /// Joins services with their endpoints (see [`catalog_of`]).
     pub fn to_catalog(&self) -> Result<Catalog> {
-        let mut services = BTreeMap::new();
-        for svc in &self.services {
-            let service = convert_service(svc)?;
-            if services.insert(service.id.clone(), service).is_some() {
-                let id = object_id(&svc.metadata);
-                bail!("Service {id}: defined twice");
-            }
-        }
-        let sliced: Vec<ServiceId> = self
-            .slices
-            .iter()
-            .filter_map(|s| {
-                let name = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-                Some(ServiceId { namespace: namespace(&s.metadata), name: name.clone() })
-            })
-            .collect();
-        for (slice, id) in self.slices.iter().zip(&sliced) {
-            let set = convert_slice(slice).with_context(|| format!("EndpointSlice {}", object_id(&slice.metadata)))?;
-            if let (Some(service), Some(set)) = (services.get_mut(id), set) {
-                service.endpoint_sets.push(set);
-            }
-        }
-        // Legacy Endpoints count only for services without slices, as kube-proxy prefers slices.
-        for ep in &self.endpoints {
-            let id =
-                ServiceId { namespace: namespace(&ep.metadata), name: ep.metadata.name.clone().unwrap_or_default() };
-            if sliced.contains(&id) {
-                continue;
-            }
-            let sets = convert_endpoints(ep).with_context(|| format!("Endpoints {}", object_id(&ep.metadata)))?;
-            if let Some(service) = services.get_mut(&id) {
-                service.endpoint_sets.extend(sets);
-            }
-        }
-        Ok(Catalog { services })
+        catalog_of([self])
     }
+}
+
+/// Joins the services of all `parts` with their endpoints. Objects that make no sense (a service without a name, a
+/// port out of range) are errors naming the object; endpoints of unknown services are kept out silently, as
+/// Kubernetes keeps them until their service appears.
+pub fn catalog_of<'a, P>(parts: P) -> Result<Catalog>
+where
+    P: IntoIterator<Item = &'a Objects> + Clone,
+{
+    let mut services = BTreeMap::new();
+    for svc in parts.clone().into_iter().flat_map(|o| &o.services) {
+        let service = convert_service(svc)?;
+        if services.insert(service.id.clone(), service).is_some() {
+            let id = object_id(&svc.metadata);
+            bail!("Service {id}: defined twice");
+        }
+    }
+    let mut sliced = HashSet::new();
+    for slice in parts.clone().into_iter().flat_map(|o| &o.slices) {
+        let Some(name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else { continue };
+        let id = ServiceId { namespace: namespace(&slice.metadata), name: name.clone() };
+        let set = convert_slice(slice).with_context(|| format!("EndpointSlice {}", object_id(&slice.metadata)))?;
+        if let (Some(service), Some(set)) = (services.get_mut(&id), set) {
+            service.endpoint_sets.push(set);
+        }
+        sliced.insert(id);
+    }
+    // Legacy Endpoints count only for services without slices, as kube-proxy prefers slices.
+    for ep in parts.into_iter().flat_map(|o| &o.endpoints) {
+        let id = ServiceId { namespace: namespace(&ep.metadata), name: ep.metadata.name.clone().unwrap_or_default() };
+        if sliced.contains(&id) {
+            continue;
+        }
+        let sets = convert_endpoints(ep).with_context(|| format!("Endpoints {}", object_id(&ep.metadata)))?;
+        if let Some(service) = services.get_mut(&id) {
+            service.endpoint_sets.extend(sets);
+        }
+    }
+    Ok(Catalog { services })
 }
 
 fn unsupported(api: &str, kind: &str) -> anyhow::Error {
@@ -183,7 +193,7 @@ fn typed_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T> {
 }
 
 /// Splits YAML at `---` lines, keeping each document's first line number (1-based) for error messages.
-fn split_documents(text: &str) -> Vec<(usize, &str)> {
+pub fn documents(text: &str) -> Vec<(usize, &str)> {
     let mut docs = Vec::new();
     let mut start = 0;
     let mut start_line = 1;
