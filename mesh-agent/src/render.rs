@@ -92,6 +92,7 @@ pub fn status(admin: SocketAddr, output: Output) -> Result<()> {
         }
     }
     println!("services:  {}", status.services);
+    println!("applied:   {} catalog snapshots, the last in {:.1} ms", status.applies, status.last_apply_seconds * 1e3);
     if let Some(d) = &status.datapath {
         println!("datapath:  {} ({})", d.mode, d.why);
         println!("frontends: {}", d.frontends);

@@ -17,5 +17,10 @@ pub struct Status {
     pub ready: bool,
     pub catalog: SourceStatus,
     pub services: usize,
+    /// Catalog snapshots applied so far, and how long the last one took to reach IPAM, edge0 and the data path.
+    #[serde(default)]
+    pub applies: u64,
+    #[serde(default)]
+    pub last_apply_seconds: f64,
     pub datapath: Option<DatapathStatus>,
 }

@@ -1,6 +1,7 @@
 //! Serves `/healthz`, `/readyz`, `/metrics`, `/api/v1/{status,services,datapath}`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -78,6 +79,8 @@ async fn status(State(s): State<AppState>) -> Json<Status> {
         ready: s.view.ready(),
         catalog: s.view.catalog_source.status(),
         services: s.view.services().len(),
+        applies: s.view.applies.load(Ordering::Relaxed),
+        last_apply_seconds: s.view.last_apply_micros.load(Ordering::Relaxed) as f64 / 1e6,
         datapath: s.view.datapath(),
     })
 }
