@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::bench::netns::{self, log_tail, Cgroup, Topology, BACKEND_IP};
 use crate::bench::proxy::targets::{start_backends, HTTP_PORT, VIP};
-use crate::bench::tools::Client;
+use crate::bench::tools::{self, Client};
 use crate::{cmd, setup};
 
 /// What the load needs (dig is not enough for a steady rate; dnsperf keeps one and counts what was lost).
@@ -187,7 +187,7 @@ impl Soaked {
         let mut run = netns::exec(&topo.node, agent);
         run.arg("run").arg("--config").arg(work.join("config.yaml")).env("NO_COLOR", "1");
         let log = work.join("agent.log");
-        topo.spawn("mesh-agent", run, &log)?;
+        let pid = topo.spawn("mesh-agent", run, &log)?;
         let node = topo.node.clone();
         let ready = format!("http://{ADMIN}/readyz");
         let until = Instant::now() + Duration::from_secs(15);
@@ -198,7 +198,6 @@ impl Soaked {
             }
             thread::sleep(Duration::from_millis(100));
         }
-        let pid = pid_in(&node, "mesh-agent")?;
         let soaked = Self { datapath, topo, cgroup, pid, log, catalog, http: Mutex::default(), dns: Mutex::default() };
         let (requests, failures) = http_run(&soaked.client(), 1, 0)?;
         if requests == 0 || failures > 0 {
@@ -210,19 +209,6 @@ impl Soaked {
     fn client(&self) -> Client<'_> {
         Client { ns: &self.topo.node, host: VIP, cgroup: self.cgroup.as_ref().map(|c| c.0.as_path()) }
     }
-}
-
-/// The pid of the process named `comm` in network namespace `ns`: the one the topology started there.
-fn pid_in(ns: &str, comm: &str) -> Result<u32> {
-    use std::os::unix::fs::MetadataExt;
-    let inode = |path: String| std::fs::metadata(path).map(|m| m.ino());
-    let want = inode(format!("/run/netns/{ns}"))?;
-    let pids = std::fs::read_dir("/proc")?.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
-    let mut found = pids.filter(|pid| {
-        let named = std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm);
-        named && inode(format!("/proc/{pid}/ns/net")).is_ok_and(|i| i == want)
-    });
-    found.next().with_context(|| format!("no {comm} process in namespace {ns}"))
 }
 
 fn backend_ip(i: usize) -> String {
@@ -347,11 +333,7 @@ fn sample(a: &Soaked, secs: f64) -> Result<Sample> {
     if status.lines().any(|l| l.starts_with("State:") && l.contains("zombie")) {
         bail!(gone());
     }
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS in /proc/PID/status")?;
+    let rss_kib = tools::rss_kib(&status)?;
     let fds = std::fs::read_dir(format!("/proc/{}/fd", a.pid)).with_context(gone)?.count();
     Ok(Sample { secs, rss_kib, fds })
 }

@@ -1,12 +1,12 @@
 //! `cargo xtask bench`: performance side by side in one run, as ratios to a direct connection (DESIGN.md
 //! "Rules of the house"). Each suite is a module that measures, prints its table and returns its part of
 //! `target/bench/results.json`, under its own key: `proxy` (keep-alive req/s, new conn/s, throughput) is the
-//! first, `dns` (the agent against dnsmasq) beside it; service-count scaling (1 / 1,000 / 10,000 services)
-//! goes there too. `cargo xtask bench` runs the proxy suite, `cargo xtask bench dns` only DNS; each run rewrites
+//! first, measured at 1, 1,000 and 10,000 services (`--services`), `dns` (the agent against dnsmasq) beside it. `cargo xtask bench` runs the proxy suite, `cargo xtask bench dns` only DNS; each run rewrites
 //! its own key and keeps the others.
 
 mod dns;
 pub(crate) mod netns;
+mod plot;
 pub(crate) mod proxy;
 pub(crate) mod tools;
 
@@ -20,6 +20,9 @@ use proxy::Target;
 
 /// Tools the bench drives; nginx-light is the HTTP backend (fast, and in Debian main).
 const BENCH_PACKAGES: &[&str] = &["wrk", "iperf3", "haproxy", "nginx-light", "iproute2", "iptables", "curl"];
+
+/// Padding services get VIPs 10.250.1.1 to 10.250.250.250.
+const MAX_SERVICES: usize = 62_500;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Suite {
@@ -40,6 +43,9 @@ pub struct Args {
     /// Seconds per run.
     #[arg(long, default_value_t = 5)]
     pub duration: u64,
+    /// Catalog sizes the proxy suite measures at, e.g. `--services 1,1000`.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 1_000, 10_000])]
+    pub services: Vec<usize>,
     /// Only these proxy-suite targets (default: all), e.g. `--target direct,agent-userspace`.
     #[arg(long = "target", value_enum, value_delimiter = ',')]
     pub targets: Vec<Target>,
@@ -50,8 +56,11 @@ pub fn run(args: &Args) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench needs root: it creates network namespaces, iptables rules and a cgroup");
     }
-    if args.runs == 0 || args.duration == 0 {
-        bail!("--runs and --duration must be at least 1");
+    if args.runs == 0 || args.duration == 0 || args.services.contains(&0) {
+        bail!("--runs, --duration and --services must be at least 1");
+    }
+    if args.services.iter().any(|&n| n > MAX_SERVICES) {
+        bail!("--services: at most {MAX_SERVICES} (the bench's VIPs come from one /16)");
     }
     let suite = args.suite.unwrap_or(Suite::Proxy);
     let work = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));
@@ -92,6 +101,11 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
     std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")?;
     println!("bench: wrote {}", path.display());
+    if suite == Suite::Proxy {
+        let plot = path.with_file_name("proxy.svg");
+        std::fs::write(&plot, plot::svg(&proxy::METRICS, &results["proxy"]))?;
+        println!("bench: wrote {}", plot.display());
+    }
     Ok(())
 }
 

@@ -58,13 +58,14 @@ impl Topology {
         Ok(topo)
     }
 
-    /// Starts a long-running program (built with [`exec`]) with its output in `log`.
-    pub fn spawn(&mut self, name: &str, mut command: Command, log: &Path) -> Result<()> {
+    /// Starts a long-running program (built with [`exec`]) with its output in `log`; returns its pid.
+    pub fn spawn(&mut self, name: &str, mut command: Command, log: &Path) -> Result<u32> {
         let out = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
         command.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
         let child = command.spawn().with_context(|| format!("cannot start {name}: {}", cmd::display(&command)))?;
+        let pid = child.id();
         self.children.push((name.to_owned(), child));
-        Ok(())
+        Ok(pid)
     }
 
     /// Waits until something in `ns` listens on TCP `port`, failing early if `name` (started by
@@ -177,4 +178,24 @@ pub fn sweep_stale() {
             }
         }
     }
+}
+
+/// Runs `f` on a thread that has joined network namespace `ns` (a thread's namespace is its own, so the rest of
+/// the bench stays where it is): for measurements that talk to a namespace's loopback many times a second, where
+/// a process per request would measure process start-up.
+pub fn in_namespace<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let file = File::open(&path).with_context(|| format!("cannot open {path}"))?;
+    thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns with a valid namespace descriptor affects only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("cannot join network namespace {ns}: {}", std::io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| bail!("the measurement in {ns} panicked"))
+    })
 }

@@ -90,6 +90,15 @@ pub fn median_of(mut values: Vec<f64>) -> f64 {
     }
 }
 
+/// VmRSS (KiB) from the text of `/proc/PID/status`.
+pub fn rss_kib(status: &str) -> Result<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS in /proc/PID/status")
+}
+
 fn parse_wrk(out: &str) -> Result<Run> {
     let value = out
         .lines()

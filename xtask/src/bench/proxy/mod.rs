@@ -1,6 +1,9 @@
-//! The proxy suite: one service, one backend, the same clients, through each way of getting from a VIP to a
-//! backend (see [`Target`]), measured for keep-alive requests, new connections and throughput.
+//! The proxy suite: one backend, the same clients, through each way of getting from a VIP to a backend (see
+//! [`Target`]), measured for keep-alive requests, new connections and throughput, with 1, 1,000 and 10,000
+//! services in the catalog (or the iptables chain); for the agent, also the time a catalog change takes to reach
+//! the data path and the agent's memory.
 
+mod scale;
 pub(crate) mod targets;
 
 use std::path::Path;
@@ -14,7 +17,7 @@ pub use targets::{Target, ALL};
 use targets::{HTTP_PORT, IPERF_PORT};
 
 /// The three proxy-suite metrics, in table order.
-const METRICS: [(&str, &str); 3] =
+pub const METRICS: [(&str, &str); 3] =
     [("keepAliveRps", "keep-alive req/s"), ("newConnRps", "new conn/s"), ("throughputGbps", "Gbit/s")];
 
 struct Row {
@@ -23,32 +26,52 @@ struct Row {
     metrics: Vec<Result<Vec<Run>, String>>,
     skipped: Option<String>,
     datapath: Option<serde_json::Value>,
+    /// Agent targets: catalog change latency and memory, or why they could not be measured.
+    scale: Option<Result<scale::Scale, String>>,
 }
 
-/// Sets every target up, then measures in rounds, each round visiting every target in turn, so a burst of
-/// other load on the machine spreads over all targets instead of skewing one ratio. Prints the table and
-/// returns the suite's part of results.json.
+/// Measures every service count in turn (one topology per target and count, torn down before the next count)
+/// and returns the suite's part of results.json.
 pub fn run(args: &Args, which: &[Target], work: &Path, agent: Result<&Path, &str>) -> Result<serde_json::Value> {
+    let mut counts = Vec::new();
+    for &services in &args.services {
+        let rows = measure(args, which, &work.join(services.to_string()), agent, services)?;
+        counts.push(json!({ "services": services, "results": results_json(&rows) }));
+    }
+    Ok(json!({ "byServices": counts }))
+}
+
+/// Sets every target up with `services` services, then measures in rounds, each round visiting every target in
+/// turn, so a burst of other load on the machine spreads over all targets instead of skewing one ratio. Prints
+/// the table.
+fn measure(
+    args: &Args,
+    which: &[Target],
+    work: &Path,
+    agent: Result<&Path, &str>,
+    services: usize,
+) -> Result<Vec<Row>> {
     let mut ready = Vec::new();
     let mut rows = Vec::new();
     for &target in which {
-        println!("bench: setting up {}", target.name());
+        println!("bench: setting up {} with {services} service(s)", target.name());
         let dir = work.join(target.name());
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        match targets::prepare(target, &dir, agent) {
+        match targets::prepare(target, &dir, agent, services) {
             Ok(r) => {
                 rows.push(Row {
                     target,
                     metrics: vec![Ok(Vec::new()); METRICS.len()],
                     skipped: None,
                     datapath: r.datapath.clone(),
+                    scale: None,
                 });
                 ready.push(Some(r));
             }
             Err(err) => {
                 let why = format!("{err:#}");
                 println!("bench:   skipped: {why}");
-                rows.push(Row { target, metrics: Vec::new(), skipped: Some(why), datapath: None });
+                rows.push(Row { target, metrics: Vec::new(), skipped: Some(why), datapath: None, scale: None });
                 ready.push(None);
             }
         }
@@ -80,8 +103,13 @@ pub fn run(args: &Args, which: &[Target], work: &Path, agent: Result<&Path, &str
             }
         }
     }
-    print_table(&rows);
-    Ok(results_json(&rows))
+    for (row, r) in rows.iter_mut().zip(&ready) {
+        let Some(agent) = r.as_ref().and_then(|r| r.agent.as_ref().map(|a| (r, a))) else { continue };
+        println!("bench: timing catalog changes: {}", row.target.name());
+        row.scale = Some(scale::measure(&agent.0.topology.node, agent.1).map_err(|e| format!("{e:#}")));
+    }
+    print_table(&rows, services);
+    Ok(rows)
 }
 
 /// Medians of the row's metrics (None where not measured).
@@ -93,9 +121,10 @@ fn baseline(rows: &[Row]) -> Vec<Option<f64>> {
     rows.iter().find(|r| r.target == Target::Direct).map(medians).unwrap_or_else(|| vec![None; METRICS.len()])
 }
 
-fn print_table(rows: &[Row]) {
+fn print_table(rows: &[Row], services: usize) {
     let base = baseline(rows);
     println!();
+    println!("{services} service(s):");
     print!("{:<17}", "target");
     for (_, title) in METRICS {
         print!("{title:>24}");
@@ -119,6 +148,13 @@ fn print_table(rows: &[Row]) {
         println!();
     }
     println!("(median of the runs; ratios to direct)");
+    for row in rows {
+        match &row.scale {
+            Some(Ok(scale)) => println!("{}: {}", row.target.name(), scale.describe()),
+            Some(Err(why)) => println!("{}: catalog change timing failed: {why}", row.target.name()),
+            None => {}
+        }
+    }
 }
 
 fn format_value(metric: usize, v: f64) -> String {
@@ -155,6 +191,11 @@ fn results_json(rows: &[Row]) -> serde_json::Value {
             }
             if let Some(datapath) = &row.datapath {
                 entry["datapath"] = datapath.clone();
+            }
+            match &row.scale {
+                Some(Ok(scale)) => entry["scale"] = scale.json(),
+                Some(Err(why)) => entry["scale"] = json!({ "failed": why }),
+                None => {}
             }
             entry
         })

@@ -2,7 +2,7 @@
 //! sockets) affects another target's numbers.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -16,7 +16,10 @@ use crate::cmd;
 pub const VIP: &str = "10.250.0.10";
 pub const HTTP_PORT: u16 = 80;
 pub const IPERF_PORT: u16 = 5201;
-const ADMIN: &str = "127.0.0.1:19099";
+/// A second port the backend answers HTTP on: catalog changes in the scale measurements move a service between
+/// the two, so every change is real and every state serves.
+pub const ALT_HTTP_PORT: u16 = 8080;
+pub const ADMIN: &str = "127.0.0.1:19099";
 const BODY: &str = "hello from bench\n";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -54,22 +57,37 @@ pub struct Ready {
     pub host: &'static str,
     pub cgroup: Option<Cgroup>,
     pub datapath: Option<serde_json::Value>,
+    pub agent: Option<RunningAgent>,
 }
 
-/// Brings up the topology, the backends and `target`, and checks one request gets the backend's answer.
-pub fn prepare(target: Target, work: &Path, agent: Result<&Path, &str>) -> Result<Ready> {
-    let mut topo = Topology::new(target.name())?;
+/// What the scale measurements need of a running agent.
+pub struct RunningAgent {
+    pub pid: u32,
+    pub catalog: PathBuf,
+    pub services: usize,
+}
+
+/// Brings up the topology, the backends and `target` with `services` services, and checks one request gets the
+/// backend's answer. The measured service is the last one: the others are padding the data path must look past,
+/// as kube-proxy's iptables chain matches every service before it in order.
+pub fn prepare(target: Target, work: &Path, agent: Result<&Path, &str>, services: usize) -> Result<Ready> {
+    if target == Target::Haproxy && services > 1 {
+        bail!("measured at 1 service only: a proxy's cost per connection does not grow with its frontends");
+    }
+    let mut topo = Topology::new(&format!("{}-{services}", target.name()))?;
     start_backends(&mut topo, work)?;
-    let mut ready = Ready { host: VIP, cgroup: None, datapath: None, topology: topo };
+    let mut ready = Ready { host: VIP, cgroup: None, datapath: None, agent: None, topology: topo };
     match target {
         Target::Direct => ready.host = BACKEND_IP,
-        Target::IptablesDnat => dnat(&ready.topology)?,
+        Target::IptablesDnat => dnat(&ready.topology, work, services)?,
         Target::Haproxy => haproxy(&mut ready.topology, work)?,
         Target::AgentUserspace | Target::AgentEbpf => {
             let agent = agent.map_err(|why| anyhow::anyhow!("{why}"))?;
             let cgroup = if target == Target::AgentEbpf { Some(Cgroup::new(target.name())?) } else { None };
-            ready.datapath =
-                Some(start_agent(&mut ready.topology, work, agent, cgroup.as_ref().map(|c| c.0.as_path()))?);
+            let (datapath, running) =
+                start_agent(&mut ready.topology, work, agent, cgroup.as_ref().map(|c| c.0.as_path()), services)?;
+            ready.datapath = Some(datapath);
+            ready.agent = Some(running);
             ready.cgroup = cgroup;
         }
     }
@@ -100,7 +118,7 @@ pub(crate) fn start_backends(topo: &mut Topology, work: &Path) -> Result<()> {
     )?;
     writeln!(
         text,
-        "  server {{\n    listen {HTTP_PORT} backlog=4096;\n    location / {{ return 200 \"{}\"; }}\n  }}\n}}",
+        "  server {{\n    listen {HTTP_PORT} backlog=4096;\n    listen {ALT_HTTP_PORT};\n    location / {{ return 200 \"{}\"; }}\n  }}\n}}",
         BODY.escape_default()
     )?;
     std::fs::write(&conf, text)?;
@@ -118,24 +136,33 @@ pub(crate) fn start_backends(topo: &mut Topology, work: &Path) -> Result<()> {
     topo.wait_listening(&backend, "iperf3 -s", IPERF_PORT, &log)
 }
 
-fn dnat(topo: &Topology) -> Result<()> {
+/// One DNAT rule per service port in the node's OUTPUT chain, loaded in one iptables-restore; the measured
+/// service's rules come last.
+fn dnat(topo: &Topology, work: &Path, services: usize) -> Result<()> {
     // Locally generated packets are routed before OUTPUT's DNAT, so the VIP needs a route; there is no default.
     cmd::output(Command::new("ip").args(["-n", &topo.node, "route", "add", &format!("{VIP}/32"), "dev", "veth0"]))?;
-    for port in [HTTP_PORT, IPERF_PORT] {
-        let to = format!("{BACKEND_IP}:{port}");
-        cmd::output(
-            netns::exec(&topo.node, "iptables").args(["-t", "nat", "-A", "OUTPUT", "-d", VIP, "-p", "tcp"]).args([
-                "--dport",
-                &port.to_string(),
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &to,
-            ]),
-        )
-        .context("iptables DNAT rule")?;
+    let rule = |vip: &str, port: u16| {
+        format!("-A OUTPUT -d {vip}/32 -p tcp --dport {port} -j DNAT --to-destination {BACKEND_IP}:{port}\n")
+    };
+    let mut rules = String::from("*nat\n");
+    for i in 0..services - 1 {
+        rules += &rule(&padding_vip(i), HTTP_PORT);
     }
+    for port in [HTTP_PORT, IPERF_PORT] {
+        rules += &rule(VIP, port);
+    }
+    rules += "COMMIT\n";
+    let path = work.join("iptables.rules");
+    std::fs::write(&path, rules)?;
+    let mut restore = netns::exec(&topo.node, "iptables-restore");
+    restore.arg("--noflush").arg(&path);
+    cmd::output(&mut restore).context("iptables-restore of the DNAT rules")?;
     Ok(())
+}
+
+/// The VIP of padding service `i` (0-based), from the pool's 10.250.1.1 on, clear of the measured [`VIP`].
+fn padding_vip(i: usize) -> String {
+    format!("10.250.{}.{}", 1 + i / 250, 1 + i % 250)
 }
 
 fn haproxy(topo: &mut Topology, work: &Path) -> Result<()> {
@@ -157,11 +184,17 @@ fn haproxy(topo: &mut Topology, work: &Path) -> Result<()> {
     topo.wait_listening(&node, "haproxy", IPERF_PORT, &log)
 }
 
-/// Runs the agent in the node namespace on a one-service catalog and waits for `/readyz`; returns its
+/// Runs the agent in the node namespace on a catalog of `services` services and waits for `/readyz`; returns its
 /// `/api/v1/datapath` answer.
-fn start_agent(topo: &mut Topology, work: &Path, agent: &Path, cgroup: Option<&Path>) -> Result<serde_json::Value> {
+fn start_agent(
+    topo: &mut Topology,
+    work: &Path,
+    agent: &Path,
+    cgroup: Option<&Path>,
+    services: usize,
+) -> Result<(serde_json::Value, RunningAgent)> {
     let catalog = work.join("catalog.yaml");
-    std::fs::write(&catalog, catalog_yaml())?;
+    write_catalog(&catalog, services, HTTP_PORT)?;
     let mode = if cgroup.is_some() { "ebpf" } else { "userspace" };
     let state = work.join(format!("state-{mode}"));
     let mut config = format!(
@@ -180,13 +213,14 @@ fn start_agent(topo: &mut Topology, work: &Path, agent: &Path, cgroup: Option<&P
     let mut run = netns::exec(&node, agent);
     run.arg("run").arg("--config").arg(&config_path).env("NO_COLOR", "1");
     let log = work.join(format!("agent-{mode}.log"));
-    topo.spawn("mesh-agent", run, &log)?;
+    let pid = topo.spawn("mesh-agent", run, &log)?;
     let url = format!("http://{ADMIN}");
-    let deadline = Instant::now() + Duration::from_secs(15);
+    // Reading and programming 10,000 services takes a while on a small machine.
+    let deadline = Instant::now() + Duration::from_secs(60);
     while cmd::probe(netns::exec(&node, "curl").args(["-sf", "-m", "1", &format!("{url}/readyz")])).is_none() {
         topo.check_alive("mesh-agent", &log)?;
         if Instant::now() > deadline {
-            bail!("mesh-agent not ready after 15 s{}", log_tail(&log));
+            bail!("mesh-agent not ready after 60 s{}", log_tail(&log));
         }
         thread::sleep(Duration::from_millis(100));
     }
@@ -196,18 +230,39 @@ fn start_agent(topo: &mut Topology, work: &Path, agent: &Path, cgroup: Option<&P
     if got != mode {
         bail!("mesh-agent runs the {got} data path, not {mode}: {}", datapath.get("why").unwrap_or(&datapath));
     }
-    Ok(datapath)
+    Ok((datapath, RunningAgent { pid, catalog, services }))
 }
 
-fn catalog_yaml() -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: bench, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  \
-         ports:\n  - {{name: http, port: {HTTP_PORT}, targetPort: http}}\n  - {{name: iperf, port: {IPERF_PORT}, \
-         targetPort: iperf}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: bench-1\n  \
-         namespace: default\n  labels: {{kubernetes.io/service-name: bench}}\naddressType: IPv4\nports:\n  - {{name: \
-         http, port: {HTTP_PORT}}}\n  - {{name: iperf, port: {IPERF_PORT}}}\nendpoints:\n  - addresses: \
-         [{BACKEND_IP}]\n    nodeName: bench\n    conditions: {{ready: true}}\n"
-    )
+/// Writes the catalog atomically (the agent never reads half a file): `services - 1` padding services with one
+/// HTTP port each, then the measured service with its HTTP port's endpoint on `http_port`. Each service has an
+/// EndpointSlice, as the Kubernetes API would give it.
+pub fn write_catalog(path: &Path, services: usize, http_port: u16) -> Result<()> {
+    let mut yaml = String::with_capacity(services * 600);
+    let mut service = |name: &str, vip: &str, ports: &[(&str, u16, u16)]| -> std::fmt::Result {
+        writeln!(yaml, "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}")?;
+        writeln!(yaml, "spec:\n  clusterIP: {vip}\n  ports:")?;
+        for (port_name, port, _) in ports {
+            writeln!(yaml, "  - {{name: {port_name}, port: {port}, targetPort: {port_name}}}")?;
+        }
+        writeln!(yaml, "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice")?;
+        writeln!(yaml, "metadata:\n  name: {name}-1\n  namespace: default")?;
+        writeln!(yaml, "  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:")?;
+        for (port_name, _, target) in ports {
+            writeln!(yaml, "  - {{name: {port_name}, port: {target}}}")?;
+        }
+        writeln!(
+            yaml,
+            "endpoints:\n  - addresses: [{BACKEND_IP}]\n    nodeName: bench\n    conditions: {{ready: true}}"
+        )?;
+        writeln!(yaml, "---")
+    };
+    for i in 0..services - 1 {
+        service(&format!("pad-{i}"), &padding_vip(i), &[("http", HTTP_PORT, HTTP_PORT)])?;
+    }
+    service("bench", VIP, &[("http", HTTP_PORT, http_port), ("iperf", IPERF_PORT, IPERF_PORT)])?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, yaml).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }
 
 /// One request through the target, from the client's namespace and cgroup, must reach the backend.
