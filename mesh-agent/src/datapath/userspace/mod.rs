@@ -22,7 +22,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
 use super::{
@@ -35,8 +34,7 @@ use stats::{Counters, Selections};
 
 pub use stats::{BackendStats, FrontendStats};
 
-/// The proxy's registry of frontends: listeners (TCP, one per worker) or a socket (UDP) per VIP:port, plus what
-/// their tasks share.
+/// The proxy's registry of frontends: one listener (TCP) or socket (UDP) per VIP:port, plus what its tasks share.
 pub struct UserspaceDatapath {
     spawner: Spawner,
     frontends: BTreeMap<Frontend, Entry>,
@@ -53,8 +51,7 @@ impl UserspaceDatapath {
     }
 
     fn with_udp_idle_timeout(udp_idle: Duration) -> Self {
-        let spawner =
-            Spawner { runtime: Handle::current(), workers: Workers::start(), pipes: Arc::default(), udp_idle };
+        let spawner = Spawner { runtime: Handle::current(), pipes: Arc::default(), udp_idle };
         Self { spawner, frontends: BTreeMap::new(), failures: None, sources: None }
     }
 
@@ -156,9 +153,7 @@ impl Datapath for UserspaceDatapath {
 
 /// What spawning a frontend's server needs; apart from the frontend map so both can be borrowed at once.
 struct Spawner {
-    /// The caller's runtime: UDP frontends run there.
     runtime: Handle,
-    workers: Workers,
     pipes: Arc<PipePool>,
     udp_idle: Duration,
 }
@@ -166,54 +161,18 @@ struct Spawner {
 impl Spawner {
     fn start(&self, frontend: Frontend, state: &Arc<FrontendState>) -> io::Result<Server> {
         let addr = SocketAddr::new(frontend.vip, frontend.port);
-        // Filled as it goes, so a bind failing on a later worker closes the listeners bound before it.
-        let mut server = Server { tasks: Vec::new(), listeners: Vec::new() };
-        match frontend.protocol {
+        let state = Arc::clone(state);
+        Ok(match frontend.protocol {
             Protocol::Tcp => {
-                for runtime in &self.workers.runtimes {
-                    let _runtime = runtime.enter();
-                    let listener = Arc::new(tcp::Listener::bind(addr)?);
-                    server.listeners.push(Arc::clone(&listener));
-                    let serve = tcp::serve(listener, Arc::clone(state), Arc::clone(&self.pipes));
-                    server.tasks.push(runtime.spawn(serve).abort_handle());
-                }
+                let listener = Arc::new(tcp::Listener::bind(addr)?);
+                let task = self.runtime.spawn(tcp::serve(Arc::clone(&listener), state, Arc::clone(&self.pipes)));
+                Server { task: task.abort_handle(), listener: Some(listener) }
             }
             Protocol::Udp => {
-                let serve = udp::serve(udp::bind(addr)?, Arc::clone(state), self.udp_idle);
-                server.tasks.push(self.runtime.spawn(serve).abort_handle());
+                let task = self.runtime.spawn(udp::serve(udp::bind(addr)?, state, self.udp_idle));
+                Server { task: task.abort_handle(), listener: None }
             }
-        }
-        Ok(server)
-    }
-}
-
-/// The TCP proxy's threads: a single-threaded runtime per CPU, each accepting on a SO_REUSEPORT listener of its
-/// own, so a connection lives on the thread that accepted it: no work stealing and no cross-thread wake-ups on the
-/// data path (haproxy's and envoy's model). The kernel spreads new connections over the listeners.
-struct Workers {
-    runtimes: Vec<Handle>,
-    /// Dropped with the datapath, which ends each thread and with its runtime the connections still on it.
-    _stop: Vec<oneshot::Sender<()>>,
-}
-
-impl Workers {
-    fn start() -> Self {
-        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (mut runtimes, mut stop) = (Vec::with_capacity(count), Vec::with_capacity(count));
-        for i in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("the proxy's runtime could not be created");
-            runtimes.push(runtime.handle().clone());
-            let (tx, rx) = oneshot::channel::<()>();
-            std::thread::Builder::new()
-                .name(format!("proxy-{i}"))
-                .spawn(move || runtime.block_on(rx).unwrap_or_default())
-                .expect("the proxy's thread could not be started");
-            stop.push(tx);
-        }
-        Self { runtimes, _stop: stop }
+        })
     }
 }
 
@@ -231,22 +190,19 @@ impl Entry {
     }
 }
 
-/// A frontend's sockets (TCP: one listener per worker) and the tasks serving them. Dropping it stops both;
-/// established TCP connections run on tasks of their own and finish, UDP flows belong to the serving task and end
-/// with it.
+/// A frontend's socket and the task serving it. Dropping it stops both; established TCP connections run on tasks of
+/// their own and finish, UDP flows belong to the serving task and end with it.
 struct Server {
-    tasks: Vec<AbortHandle>,
-    listeners: Vec<Arc<tcp::Listener>>,
+    task: AbortHandle,
+    listener: Option<Arc<tcp::Listener>>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        for listener in &self.listeners {
+        if let Some(listener) = &self.listener {
             listener.close();
         }
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -315,13 +271,9 @@ impl Route {
 
 /// A non-blocking socket bound to `addr`. IP_FREEBIND: the VIP may land on edge0 only a moment after the frontend
 /// is applied. SO_REUSEADDR: a restarted agent must rebind despite connections of its predecessor in TIME_WAIT.
-/// SO_REUSEPORT when `shared`: each worker binds a listener of its own on the same address.
-fn bind(addr: SocketAddr, ty: Type, shared: bool) -> io::Result<Socket> {
+fn bind(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), ty, None)?;
     socket.set_reuse_address(true)?;
-    if shared {
-        socket.set_reuse_port(true)?;
-    }
     match addr {
         SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
         SocketAddr::V6(_) => {

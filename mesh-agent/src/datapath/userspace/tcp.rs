@@ -43,7 +43,7 @@ pub(super) struct Listener(Mutex<Option<TcpListener>>);
 impl Listener {
     /// Must run inside the runtime (the socket registers with its reactor).
     pub fn bind(addr: SocketAddr) -> io::Result<Self> {
-        let socket = super::bind(addr, Type::STREAM, true)?;
+        let socket = super::bind(addr, Type::STREAM)?;
         // Accepted sockets inherit it: one setsockopt per listener instead of one per connection.
         socket.set_tcp_nodelay(true)?;
         socket.listen(BACKLOG)?;

@@ -33,7 +33,7 @@ const MAX_DATAGRAM: usize = 65_535;
 
 /// Must run inside the runtime (the socket registers with its reactor).
 pub(super) fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
-    UdpSocket::from_std(super::bind(addr, Type::DGRAM, false)?.into())
+    UdpSocket::from_std(super::bind(addr, Type::DGRAM)?.into())
 }
 
 /// Serves datagrams to the VIP until aborted; aborting drops the flow table and with it every flow.
