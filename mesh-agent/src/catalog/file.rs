@@ -18,7 +18,8 @@ use inotify::{EventStream, Inotify, WatchMask};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::{manifest, Catalog, Objects};
+use super::manifest::{self, Converted};
+use super::{Catalog, Objects};
 use crate::catalog::SourceState;
 
 pub const POLL: Duration = Duration::from_millis(200);
@@ -41,7 +42,7 @@ fn fingerprint(path: &Path) -> Option<Fingerprint> {
 struct Watched {
     path: PathBuf,
     seen: Option<Fingerprint>,
-    documents: Vec<(String, Arc<Objects>)>,
+    documents: Vec<(String, Arc<Converted>)>,
 }
 
 impl Watched {
@@ -74,17 +75,18 @@ impl Watched {
     }
 
     /// The file's documents, parsing only those whose text the last good version did not have.
-    fn read(&self) -> Result<Vec<(String, Arc<Objects>)>> {
+    fn read(&self) -> Result<Vec<(String, Arc<Converted>)>> {
         let text =
             std::fs::read_to_string(&self.path).with_context(|| format!("{}: cannot read", self.path.display()))?;
-        let known: HashMap<&str, &Arc<Objects>> = self.documents.iter().map(|(t, o)| (t.as_str(), o)).collect();
+        let known: HashMap<&str, &Arc<Converted>> = self.documents.iter().map(|(t, o)| (t.as_str(), o)).collect();
         manifest::documents(&text)
             .into_iter()
             .map(|(line, doc)| {
                 let objects = match known.get(doc) {
                     Some(objects) => Arc::clone(objects),
                     None => {
-                        Arc::new(Objects::parse_document(line, doc).with_context(|| self.path.display().to_string())?)
+                        let objects = Objects::parse_document(line, doc).and_then(|objects| objects.convert());
+                        Arc::new(objects.with_context(|| self.path.display().to_string())?)
                     }
                 };
                 Ok((doc.to_owned(), objects))
@@ -153,7 +155,7 @@ fn rebuild(files: &mut [Watched], state: &SourceState) -> Option<Catalog> {
         return None;
     }
     let parts = files.iter().flat_map(|f| f.documents.iter().map(|(_, objects)| objects.as_ref()));
-    match manifest::catalog_of(parts) {
+    match manifest::join(parts) {
         Ok(catalog) => {
             info!(services = catalog.services.len(), "catalog files loaded");
             state.set_synced();
@@ -166,5 +168,58 @@ fn rebuild(files: &mut [Watched], state: &SourceState) -> Option<Catalog> {
             state.set_error(error);
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n";
+    const DB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {ports: [{port: 5432}]}\n";
+
+    fn write(path: &Path, docs: &[&str]) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, docs.join("---\n")).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    #[test]
+    fn an_edit_reparses_only_the_documents_it_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.yaml");
+        write(&path, &[WEB, DB]);
+        let state = SourceState::default();
+        let mut file = Watched { path: path.clone(), seen: None, documents: Vec::new() };
+        assert!(file.refresh(&state));
+        let web = Arc::clone(&file.documents[0].1);
+
+        write(&path, &[WEB, &DB.replace("5432", "5433")]);
+        assert!(file.refresh(&state));
+        assert!(Arc::ptr_eq(&web, &file.documents[0].1), "the unchanged document was not parsed again");
+        let catalog = rebuild(std::slice::from_mut(&mut file), &state).unwrap();
+        let ports: Vec<u16> = catalog.services.values().map(|s| s.ports[0].port).collect();
+        assert_eq!(ports, [5433, 80], "db then web, the edit in force");
+
+        // A bad edit keeps the last good documents, and says where the error is.
+        write(&path, &[WEB, "apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {ports: [{port: x}]}\n"]);
+        assert!(!file.refresh(&state));
+        assert!(Arc::ptr_eq(&web, &file.documents[0].1));
+        let error = state.status().last_error.unwrap();
+        assert!(error.contains("catalog.yaml") && error.contains("line 9"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_write_to_the_files_directory_wakes_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.yaml");
+        let Some(wake) = notifications(std::slice::from_ref(&path)) else {
+            eprintln!("SKIPPED: inotify is unavailable here, the source polls only");
+            return;
+        };
+        let mut wake = Some(wake);
+        write(&path, &[WEB]);
+        let event = tokio::time::timeout(Duration::from_secs(5), next(&mut wake)).await.expect("an event");
+        assert!(matches!(event, Some(Ok(()))), "{event:?}");
     }
 }

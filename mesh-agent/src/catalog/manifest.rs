@@ -106,46 +106,69 @@ impl Objects {
         Ok(())
     }
 
-    /// Joins services with their endpoints (see [`catalog_of`]).
+    /// Joins services with their endpoints (see [`join`]).
     pub fn to_catalog(&self) -> Result<Catalog> {
-        catalog_of([self])
+        join([&self.convert()?])
+    }
+
+    /// The objects in the catalog's model, not yet joined. Objects that make no sense (a service without a name, a
+    /// port out of range) are errors naming the object.
+    pub fn convert(&self) -> Result<Converted> {
+        let services = self.services.iter().map(convert_service).collect::<Result<_>>()?;
+        let mut slices = Vec::new();
+        for slice in &self.slices {
+            let Some(name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else { continue };
+            let id = ServiceId { namespace: namespace(&slice.metadata), name: name.clone() };
+            let set = convert_slice(slice).with_context(|| format!("EndpointSlice {}", object_id(&slice.metadata)))?;
+            slices.push((id, set));
+        }
+        let mut endpoints = Vec::new();
+        for ep in &self.endpoints {
+            let id =
+                ServiceId { namespace: namespace(&ep.metadata), name: ep.metadata.name.clone().unwrap_or_default() };
+            let sets = convert_endpoints(ep).with_context(|| format!("Endpoints {}", object_id(&ep.metadata)))?;
+            endpoints.push((id, sets));
+        }
+        Ok(Converted { services, slices, endpoints })
     }
 }
 
-/// Joins the services of all `parts` with their endpoints. Objects that make no sense (a service without a name, a
-/// port out of range) are errors naming the object; endpoints of unknown services are kept out silently, as
+/// Objects converted to the model: services without endpoints, and the endpoint sets with the service they
+/// belong to. Much smaller than the API objects, and what a source keeps of each document it has read.
+#[derive(Debug, Default)]
+pub struct Converted {
+    services: Vec<Service>,
+    /// `None`: a slice that names its service but carries no addresses (FQDN).
+    slices: Vec<(ServiceId, Option<EndpointSet>)>,
+    endpoints: Vec<(ServiceId, Vec<EndpointSet>)>,
+}
+
+/// Joins the services of all `parts` with their endpoints; endpoints of unknown services are kept out silently, as
 /// Kubernetes keeps them until their service appears.
-pub fn catalog_of<'a, P>(parts: P) -> Result<Catalog>
+pub fn join<'a, P>(parts: P) -> Result<Catalog>
 where
-    P: IntoIterator<Item = &'a Objects> + Clone,
+    P: IntoIterator<Item = &'a Converted> + Clone,
 {
     let mut services = BTreeMap::new();
-    for svc in parts.clone().into_iter().flat_map(|o| &o.services) {
-        let service = convert_service(svc)?;
-        if services.insert(service.id.clone(), service).is_some() {
-            let id = object_id(&svc.metadata);
-            bail!("Service {id}: defined twice");
+    for service in parts.clone().into_iter().flat_map(|c| &c.services) {
+        if services.insert(service.id.clone(), service.clone()).is_some() {
+            bail!("Service {}: defined twice", service.id);
         }
     }
     let mut sliced = HashSet::new();
-    for slice in parts.clone().into_iter().flat_map(|o| &o.slices) {
-        let Some(name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else { continue };
-        let id = ServiceId { namespace: namespace(&slice.metadata), name: name.clone() };
-        let set = convert_slice(slice).with_context(|| format!("EndpointSlice {}", object_id(&slice.metadata)))?;
-        if let (Some(service), Some(set)) = (services.get_mut(&id), set) {
-            service.endpoint_sets.push(set);
+    for (id, set) in parts.clone().into_iter().flat_map(|c| &c.slices) {
+        if let (Some(service), Some(set)) = (services.get_mut(id), set) {
+            service.endpoint_sets.push(set.clone());
         }
         sliced.insert(id);
     }
     // Legacy Endpoints count only for services without slices, as kube-proxy prefers slices.
-    for ep in parts.into_iter().flat_map(|o| &o.endpoints) {
-        let id = ServiceId { namespace: namespace(&ep.metadata), name: ep.metadata.name.clone().unwrap_or_default() };
-        if sliced.contains(&id) {
+    for (id, sets) in parts.into_iter().flat_map(|c| &c.endpoints) {
+        if sliced.contains(id) {
             continue;
         }
-        let sets = convert_endpoints(ep).with_context(|| format!("Endpoints {}", object_id(&ep.metadata)))?;
-        if let Some(service) = services.get_mut(&id) {
-            service.endpoint_sets.extend(sets);
+        if let Some(service) = services.get_mut(id) {
+            service.endpoint_sets.extend(sets.iter().cloned());
         }
     }
     Ok(Catalog { services })
