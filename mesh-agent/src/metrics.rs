@@ -21,6 +21,11 @@ impl Metrics {
     /// `dns`: the DNS server's counters, when it runs.
     pub fn new(view: Arc<View>, dns: Option<Arc<dns::Stats>>) -> Self {
         let mut registry = Registry::with_prefix("mesh_agent");
+        registry.register(
+            "catalog_apply_duration_seconds",
+            "Time each catalog snapshot took to reach IPAM, edge0 and the data path",
+            view.apply_seconds.clone(),
+        );
         registry.register_collector(Box::new(ViewCollector { view, dns }));
         Self { registry }
     }

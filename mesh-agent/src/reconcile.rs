@@ -160,8 +160,9 @@ impl Reconciler {
         self.view.publish(ServiceView::all(catalog, &assignment, &unhealthy), self.datapath.status());
         self.resolved.send_replace(Arc::new(Resolved { catalog: Arc::clone(catalog), vips: assignment.vips }));
         self.view.applies.fetch_add(1, Ordering::Relaxed);
-        let took = started.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
-        self.view.last_apply_micros.store(took, Ordering::Relaxed);
+        let took = started.elapsed();
+        self.view.last_apply_micros.store(took.as_micros().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.view.apply_seconds.observe(took.as_secs_f64());
         if changed > 0 {
             info!(changes = changed, frontends = self.frontends.len(), took = ?started.elapsed(), "catalog applied");
         } else {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, ClusterIp, SourceState, TargetPort};
@@ -110,6 +111,8 @@ pub struct View {
     /// Catalog snapshots applied, and how long the last one took (µs), for the metrics.
     pub applies: AtomicU64,
     pub last_apply_micros: AtomicU64,
+    /// How long each snapshot took to reach IPAM, edge0 and the data path: the catalog's lag behind its sources.
+    pub apply_seconds: Histogram,
     pub catalog_source: Arc<SourceState>,
 }
 
@@ -122,6 +125,8 @@ impl View {
             programmed: AtomicBool::new(false),
             applies: AtomicU64::new(0),
             last_apply_micros: AtomicU64::new(0),
+            // 100 µs to ~26 s.
+            apply_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 19)),
             catalog_source,
         }
     }

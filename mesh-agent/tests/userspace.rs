@@ -249,6 +249,7 @@ fn cli_shows_services_endpoints_and_status() {
     assert!(endpoints.contains(BACKEND_IPS[0]) && endpoints.contains(BACKEND_IPS[1]), "{endpoints}");
     let status = run(&["status"]);
     assert!(status.contains("ready:     true") && status.contains("datapath:  userspace"), "{status}");
+    assert!(status.contains("applied:   ") && !status.contains("applied:   0 "), "{status}");
     let missing = t.node.command(env!("CARGO_BIN_EXE_mesh-agent")).args(["endpoints", "nope"]).output().unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("default/nope"));
@@ -337,6 +338,7 @@ fn metrics_count_connections_and_backend_selections() {
         "mesh_agent_ready 1".to_owned(),
         "mesh_agent_catalog_applies_total ".to_owned(),
         "mesh_agent_catalog_last_apply_seconds ".to_owned(),
+        "mesh_agent_catalog_apply_duration_seconds_count ".to_owned(),
     ];
     // Counters reach the registry with the reconciler's next one-second refresh.
     let text = wait_for(Duration::from_secs(3), || {
