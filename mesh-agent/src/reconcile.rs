@@ -163,6 +163,7 @@ impl Reconciler {
         let took = started.elapsed();
         self.view.last_apply_micros.store(took.as_micros().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
         self.view.apply_seconds.observe(took.as_secs_f64());
+        release_freed_memory();
         if changed > 0 {
             info!(changes = changed, frontends = self.frontends.len(), took = ?started.elapsed(), "catalog applied");
         } else {
@@ -187,6 +188,17 @@ impl Reconciler {
             }
             Err(e) => error!("{e:#}"),
         }
+    }
+}
+
+/// Hands the memory a catalog change freed back to the system. Building a snapshot of a large catalog allocates
+/// and frees tens of megabytes; glibc keeps freed pages in its arenas, so without this an agent's RSS settles at
+/// its peak (10,000 services: 155 MiB) instead of what it holds.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
