@@ -149,7 +149,10 @@ fn up_to_ten_thousand_simultaneous_connections_leak_no_descriptors() {
         assert_eq!(echo, *format!("{i:05}").as_bytes(), "connection {i} got another's bytes");
     }
     let peak = open_fds(pid);
-    assert!(peak >= before + 2 * connections, "the agent held {peak} descriptors, {before} before");
+    // A few of the agent's own descriptors come and go on their own (a health check's socket, a netlink
+    // request), so either sample may hold one more or less than the connections account for.
+    const TRANSIENT: usize = 4;
+    assert!(peak + TRANSIENT >= before + 2 * connections, "the agent held {peak} descriptors, {before} before");
     conns.clear();
     let settled = wait_for(Duration::from_secs(30), || (open_fds(pid) <= before).then_some(()));
     assert!(settled.is_some(), "descriptors before {before}, at the peak {peak}, after {}", open_fds(pid));
@@ -160,10 +163,9 @@ fn up_to_ten_thousand_simultaneous_connections_leak_no_descriptors() {
 /// died do: at most one per client loop, since each has one request in flight and its next connect is retried.
 /// What the agent counts: no connection ran out of backends (proxy_failures 0), and the failed connects, as the
 /// passive health reports that (with the active checks) took the backend out, shown `healthy: false`. The
-/// per-backend `backend_connect_failures` cannot be asserted: a backend's series goes with it when it leaves the
-/// frontend's rotation, and the proxy publishes its counters every second while the ejection comes sooner
-/// (passive: two refusals) or the timed-out connects are counted after it (2 s). The in-flight requests the death
-/// aborted are not counted by the agent: the proxy passes the reset on.
+/// per-backend `backend_connect_failures` is not asserted: the active checks may eject the backend before any
+/// client connect to it failed, so zero is a correct count. The in-flight requests the death aborted are not
+/// counted by the agent: the proxy passes the reset on.
 fn backend_dies_under_load(test: &str, death: Death) {
     if !require_root(test) {
         return;

@@ -30,7 +30,7 @@ pub struct FrontendStats {
     pub failures: u64,
     /// Connections (UDP: datagrams) from clients outside the node-local set, refused.
     pub rejected: u64,
-    /// The current backends, in the service's order.
+    /// The current backends, in the service's order, then up to 16 that left rotation (newest first).
     pub backends: Vec<BackendStats>,
 }
 
@@ -99,38 +99,99 @@ struct BackendCounters {
     connect_failures: AtomicU64,
 }
 
+static ZERO: BackendCounters = BackendCounters { selected: AtomicU64::new(0), connect_failures: AtomicU64::new(0) };
+
+/// Backends out of rotation whose counters are still shown, newest first. Bounded, so a frontend whose endpoints
+/// churn (pods rescheduled to new addresses) does not grow without end.
+const RETIRED: usize = 16;
+
 /// Per-backend counters of one backend set. Immutable once built, so the accept path reads it without a lock; a
-/// backend that stays across an update keeps its counters (shared, so no increment is lost in the swap).
+/// backend that stays across an update keeps its counters (shared, so no increment is lost in the swap). A backend
+/// that leaves keeps them too, among the retired: the connect failures that got a backend ejected by the health
+/// checks must not vanish with it.
 #[derive(Debug)]
-pub(super) struct Selections(HashMap<SocketAddr, Arc<BackendCounters>>);
+pub(super) struct Selections {
+    current: HashMap<SocketAddr, Arc<BackendCounters>>,
+    retired: Vec<(SocketAddr, Arc<BackendCounters>)>,
+}
 
 impl Selections {
     pub fn new(backends: &[SocketAddr], previous: Option<&Selections>) -> Self {
-        let counters = |b: &SocketAddr| previous.and_then(|p| p.0.get(b)).cloned().unwrap_or_default();
-        Self(backends.iter().map(|b| (*b, counters(b))).collect())
+        let kept = |b: &SocketAddr| {
+            let previous = previous?;
+            previous.current.get(b).or_else(|| previous.retired.iter().find(|(r, _)| r == b).map(|(_, c)| c)).cloned()
+        };
+        let current: HashMap<_, _> = backends.iter().map(|b| (*b, kept(b).unwrap_or_default())).collect();
+        let retired = match previous {
+            Some(p) => {
+                let mut left: Vec<_> = p.current.iter().filter(|(b, _)| !current.contains_key(b)).collect();
+                left.sort_by_key(|(b, _)| **b);
+                let left = left.into_iter().map(|(b, c)| (*b, Arc::clone(c)));
+                let older = p.retired.iter().filter(|(b, _)| !current.contains_key(b)).cloned();
+                left.chain(older).take(RETIRED).collect()
+            }
+            None => Vec::new(),
+        };
+        Self { current, retired }
     }
 
     pub fn selected(&self, backend: SocketAddr) {
-        if let Some(c) = self.0.get(&backend) {
+        if let Some(c) = self.current.get(&backend) {
             bump(&c.selected, 1);
         }
     }
 
     pub fn connect_failed(&self, backend: SocketAddr) {
-        if let Some(c) = self.0.get(&backend) {
+        if let Some(c) = self.current.get(&backend) {
             bump(&c.connect_failures, 1);
         }
     }
 
+    /// The backends of `order` (the current ones), then the retired.
     pub fn snapshot(&self, order: &[SocketAddr]) -> Vec<BackendStats> {
-        let stats = |backend: &SocketAddr| {
-            let c = self.0.get(backend).cloned().unwrap_or_default();
-            BackendStats {
-                backend: *backend,
-                selected: c.selected.load(Ordering::Relaxed),
-                connect_failures: c.connect_failures.load(Ordering::Relaxed),
-            }
+        let stats = |backend: SocketAddr, c: &BackendCounters| BackendStats {
+            backend,
+            selected: c.selected.load(Ordering::Relaxed),
+            connect_failures: c.connect_failures.load(Ordering::Relaxed),
         };
-        order.iter().map(stats).collect()
+        let current = order.iter().map(|b| stats(*b, self.current.get(b).map(Arc::as_ref).unwrap_or(&ZERO)));
+        current.chain(self.retired.iter().map(|(b, c)| stats(*b, c))).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i], 80))
+    }
+
+    fn stats(i: u8, selected: u64, connect_failures: u64) -> BackendStats {
+        BackendStats { backend: backend(i), selected, connect_failures }
+    }
+
+    #[test]
+    fn a_backend_out_of_rotation_keeps_its_counters() {
+        let both = Selections::new(&[backend(1), backend(2)], None);
+        both.selected(backend(1));
+        both.connect_failed(backend(2));
+        let one = Selections::new(&[backend(1)], Some(&both));
+        assert_eq!(one.snapshot(&[backend(1)]), [stats(1, 1, 0), stats(2, 0, 1)]);
+        // Back in rotation, with the same counters, and no longer among the retired.
+        let again = Selections::new(&[backend(1), backend(2)], Some(&one));
+        again.connect_failed(backend(2));
+        assert_eq!(again.snapshot(&[backend(1), backend(2)]), [stats(1, 1, 0), stats(2, 0, 2)]);
+    }
+
+    #[test]
+    fn retired_backends_are_bounded_newest_first() {
+        let mut selections = Selections::new(&[backend(0)], None);
+        for i in 1..=40 {
+            selections = Selections::new(&[backend(i)], Some(&selections));
+        }
+        let shown = selections.snapshot(&[backend(40)]);
+        assert_eq!(shown.len(), 1 + RETIRED);
+        assert_eq!(shown[1].backend, backend(39), "the newest retired first");
     }
 }
