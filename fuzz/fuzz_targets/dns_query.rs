@@ -10,6 +10,7 @@ use mesh_agent::catalog::{
     Catalog, ClusterIp, Endpoint, EndpointPort, EndpointSet, Protocol, Service, ServiceId, ServicePort, TargetPort,
 };
 use mesh_agent::dns::{handle_packet, Table, Zone};
+use mesh_agent::ipam::Assignment;
 use mesh_agent::reconcile::Resolved;
 
 /// A ClusterIP service and a headless one with named and nameless endpoints: every record kind the zone has.
@@ -47,7 +48,7 @@ fn table() -> &'static Table {
                 vips.insert(id, "10.250.0.10".parse().unwrap());
             }
         }
-        let resolved = Resolved { catalog: Arc::new(catalog), vips };
+        let resolved = Resolved { catalog: Arc::new(catalog), assignment: Assignment { vips, ..Default::default() } };
         Table::build(&resolved, &Zone { domain: "cluster.local".into(), ttl: 30 }, 1)
     })
 }

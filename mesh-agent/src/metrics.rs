@@ -74,7 +74,7 @@ impl Collector for ViewCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let view = &self.view;
         let catalog = view.catalog_source.status();
-        family(&mut e, "services", "Services in the catalog", [(vec![], gauge(view.services().len()))])?;
+        family(&mut e, "services", "Services in the catalog", [(vec![], gauge(view.service_count()))])?;
         family(&mut e, "catalog_synced", "1 once every catalog source has loaded", [(vec![], gauge(catalog.synced))])?;
         family(
             &mut e,

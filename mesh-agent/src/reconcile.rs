@@ -1,6 +1,6 @@
 //! The one loop: catalog snapshots in, diffs out to IPAM, edge0, the data path, and the view the admin API shows.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,19 +9,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::catalog::{Catalog, ClusterIp, Protocol, ServiceId};
+use crate::catalog::{Catalog, ClusterIp, Protocol};
 use crate::datapath::{self, Datapath, Frontend, FrontendSpec, Frontends};
 use crate::device::Device;
 use crate::health::Health;
 use crate::ipam::{Assignment, Ipam};
 use crate::lb::{Policy, Strategy};
-use crate::view::{ServiceView, View};
+use crate::view::View;
 
-/// A catalog with the VIPs assigned to its services: what DNS answers from.
+/// A catalog with the VIPs assigned to its services: what DNS answers from and the admin API shows.
 #[derive(Debug, Default)]
 pub struct Resolved {
     pub catalog: Arc<Catalog>,
-    pub vips: BTreeMap<ServiceId, IpAddr>,
+    pub assignment: Assignment,
 }
 
 /// How often the reconciler checks that edge0 still exists.
@@ -157,8 +157,9 @@ impl Reconciler {
         if complete {
             self.datapath.catalog_applied();
         }
-        self.view.publish(ServiceView::all(catalog, &assignment, &unhealthy), self.datapath.status());
-        self.resolved.send_replace(Arc::new(Resolved { catalog: Arc::clone(catalog), vips: assignment.vips }));
+        let resolved = Arc::new(Resolved { catalog: Arc::clone(catalog), assignment });
+        self.view.publish(Arc::clone(&resolved), unhealthy, self.datapath.status());
+        self.resolved.send_replace(resolved);
         self.view.applies.fetch_add(1, Ordering::Relaxed);
         let took = started.elapsed();
         self.view.last_apply_micros.store(took.as_micros().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{Catalog, ClusterIp, SourceState, TargetPort};
 use crate::datapath::{DatapathStatus, Frontend, FrontendStats};
 use crate::ipam::Assignment;
+use crate::reconcile::Resolved;
 
 /// One service as `/api/v1/services` and `mesh-agent services` show it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -101,9 +102,17 @@ impl ServiceView {
     }
 }
 
+/// What `/api/v1/services` is built from when asked: the snapshot DNS answers from and the health checks' verdicts.
+/// Building 10,000 service views on every catalog change would add to each change's latency for a page read rarely.
+#[derive(Default)]
+struct Published {
+    resolved: Arc<Resolved>,
+    unhealthy: Arc<BTreeSet<SocketAddr>>,
+}
+
 /// The latest published state. Readers never block the reconciler.
 pub struct View {
-    services: ArcSwap<Vec<ServiceView>>,
+    published: ArcSwap<Published>,
     datapath: ArcSwap<Option<DatapathStatus>>,
     frontend_stats: ArcSwap<Vec<(Frontend, FrontendStats)>>,
     /// Set once the first catalog has been applied to the data path.
@@ -119,7 +128,7 @@ pub struct View {
 impl View {
     pub fn new(catalog_source: Arc<SourceState>) -> Self {
         Self {
-            services: ArcSwap::from_pointee(Vec::new()),
+            published: ArcSwap::from_pointee(Published::default()),
             datapath: ArcSwap::from_pointee(None),
             frontend_stats: ArcSwap::from_pointee(Vec::new()),
             programmed: AtomicBool::new(false),
@@ -131,8 +140,8 @@ impl View {
         }
     }
 
-    pub fn publish(&self, services: Vec<ServiceView>, datapath: DatapathStatus) {
-        self.services.store(Arc::new(services));
+    pub fn publish(&self, resolved: Arc<Resolved>, unhealthy: Arc<BTreeSet<SocketAddr>>, datapath: DatapathStatus) {
+        self.published.store(Arc::new(Published { resolved, unhealthy }));
         self.datapath.store(Arc::new(Some(datapath)));
         self.programmed.store(true, Ordering::Release);
     }
@@ -146,8 +155,13 @@ impl View {
         self.frontend_stats.load_full()
     }
 
-    pub fn services(&self) -> Arc<Vec<ServiceView>> {
-        self.services.load_full()
+    pub fn services(&self) -> Vec<ServiceView> {
+        let p = self.published.load();
+        ServiceView::all(&p.resolved.catalog, &p.resolved.assignment, &p.unhealthy)
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.published.load().resolved.catalog.services.len()
     }
 
     pub fn datapath(&self) -> Option<DatapathStatus> {

@@ -78,7 +78,7 @@ async fn status(State(s): State<AppState>) -> Json<Status> {
         node_name: s.node_name.clone(),
         ready: s.view.ready(),
         catalog: s.view.catalog_source.status(),
-        services: s.view.services().len(),
+        services: s.view.service_count(),
         applies: s.view.applies.load(Ordering::Relaxed),
         last_apply_seconds: s.view.last_apply_micros.load(Ordering::Relaxed) as f64 / 1e6,
         datapath: s.view.datapath(),
@@ -86,7 +86,7 @@ async fn status(State(s): State<AppState>) -> Json<Status> {
 }
 
 async fn services(State(s): State<AppState>) -> Response {
-    Json(s.view.services().as_ref().clone()).into_response()
+    Json(s.view.services()).into_response()
 }
 
 async fn datapath(State(s): State<AppState>) -> Response {

@@ -62,8 +62,12 @@ impl Watched {
         }
         match self.read() {
             Ok(documents) => {
+                // Rewritten with the same documents (a touch, a save without edits): nothing to rebuild, unless
+                // the file is back to them after a bad edit, whose error the rebuild clears.
+                let same = documents.len() == self.documents.len()
+                    && documents.iter().zip(&self.documents).all(|((_, new), (_, old))| Arc::ptr_eq(new, old));
                 self.documents = documents;
-                true
+                !same || state.has_error()
             }
             Err(e) => {
                 let error = format!("{e:#}; keeping the last good catalog");
@@ -117,7 +121,7 @@ pub fn spawn(paths: Vec<PathBuf>, state: Arc<SourceState>) -> watch::Receiver<Ar
                 }
             }
             if let Some(catalog) = rebuild(&mut files, &state) {
-                if **tx.borrow() != catalog && tx.send(Arc::new(catalog)).is_err() {
+                if tx.send(Arc::new(catalog)).is_err() {
                     return; // the agent is shutting down
                 }
             }
@@ -190,23 +194,29 @@ mod tests {
         let path = dir.path().join("catalog.yaml");
         write(&path, &[WEB, DB]);
         let state = SourceState::default();
-        let mut file = Watched { path: path.clone(), seen: None, documents: Vec::new() };
-        assert!(file.refresh(&state));
-        let web = Arc::clone(&file.documents[0].1);
+        let mut files = [Watched { path: path.clone(), seen: None, documents: Vec::new() }];
+        assert!(rebuild(&mut files, &state).is_some());
+        let web = Arc::clone(&files[0].documents[0].1);
 
-        write(&path, &[WEB, &DB.replace("5432", "5433")]);
-        assert!(file.refresh(&state));
-        assert!(Arc::ptr_eq(&web, &file.documents[0].1), "the unchanged document was not parsed again");
-        let catalog = rebuild(std::slice::from_mut(&mut file), &state).unwrap();
+        let edited = DB.replace("5432", "5433");
+        write(&path, &[WEB, &edited]);
+        let catalog = rebuild(&mut files, &state).unwrap();
+        assert!(Arc::ptr_eq(&web, &files[0].documents[0].1), "the unchanged document was not parsed again");
         let ports: Vec<u16> = catalog.services.values().map(|s| s.ports[0].port).collect();
         assert_eq!(ports, [5433, 80], "db then web, the edit in force");
+        write(&path, &[WEB, &edited]);
+        assert!(rebuild(&mut files, &state).is_none(), "the same documents again: nothing to apply");
 
         // A bad edit keeps the last good documents, and says where the error is.
         write(&path, &[WEB, "apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {ports: [{port: x}]}\n"]);
-        assert!(!file.refresh(&state));
-        assert!(Arc::ptr_eq(&web, &file.documents[0].1));
+        assert!(rebuild(&mut files, &state).is_none());
+        assert!(Arc::ptr_eq(&web, &files[0].documents[0].1));
         let error = state.status().last_error.unwrap();
         assert!(error.contains("catalog.yaml") && error.contains("line 9"), "{error}");
+        // Back to the last good documents: the error goes.
+        write(&path, &[WEB, &edited]);
+        assert!(rebuild(&mut files, &state).is_some());
+        assert!(!state.has_error());
     }
 
     #[tokio::test]

@@ -193,6 +193,10 @@ impl SourceState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).kubernetes = Some(status);
     }
 
+    pub fn has_error(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).last_error.is_some()
+    }
+
     /// Whether the catalog files have been read (the file source's own state).
     pub fn files_synced(&self) -> bool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).synced

@@ -86,7 +86,7 @@ impl Table {
             builder.add(version, RData::TXT(TXT::new(vec![SCHEMA_VERSION.into()])));
         }
         for (id, svc) in &resolved.catalog.services {
-            if let Err(e) = builder.service(svc, resolved.vips.get(id).copied()) {
+            if let Err(e) = builder.service(svc, resolved.assignment.vips.get(id).copied()) {
                 warn!(service = %id, "no DNS records: {e}");
             }
         }
@@ -317,6 +317,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::catalog::{Catalog, Endpoint, EndpointPort, EndpointSet, Protocol, ServiceId, ServicePort, TargetPort};
+    use crate::ipam::Assignment;
 
     fn service(namespace: &str, name: &str, cluster_ip: ClusterIp, endpoints: Vec<Endpoint>) -> Service {
         Service {
@@ -377,7 +378,7 @@ pub(crate) mod tests {
             };
             catalog.services.insert(svc.id.clone(), svc);
         }
-        let resolved = Resolved { catalog: Arc::new(catalog), vips };
+        let resolved = Resolved { catalog: Arc::new(catalog), assignment: Assignment { vips, ..Default::default() } };
         Table::build(&resolved, &Zone { domain: "cluster.local".into(), ttl: 30 }, 7)
     }
 
