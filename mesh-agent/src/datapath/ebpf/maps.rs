@@ -1,8 +1,10 @@
 //! Typed handles on the pinned maps, and their fill for the status page.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use anyhow::Context;
 use aya::maps::{Array, HashMap, MapData, MapError, MapInfo};
@@ -11,6 +13,8 @@ use mesh_common::maps::{
     names, AffinityKey, AffinityValue, Backend, BackendKey, MaglevKey, MaglevTable, RevNatKey, RevNatValue, ServiceKey,
     ServiceValue,
 };
+
+use tracing::debug;
 
 use super::pins::PinDir;
 
@@ -22,15 +26,17 @@ pub struct Tables {
     pub maglev: Map<MaglevKey, MaglevTable>,
     pub rr: Array<MapData, u64>,
     pub affinity: Map<AffinityKey, AffinityValue>,
-    pub rev_nat: Map<RevNatKey, RevNatValue>,
+    /// Only the kernel writes it; held so the programs loaded after [`Tables::take`] can refer to it.
+    _rev_nat: Map<RevNatKey, RevNatValue>,
     /// max_entries as the kernel has them: a pinned map keeps the capacity it was created with.
     capacity: BTreeMap<&'static str, u32>,
-    /// The LRU maps' fill and when it was counted (see [`Tables::fill`]).
-    walked: Mutex<Option<(Instant, [usize; 2])>>,
+    /// The LRU maps' fill (affinity, reverse NAT), counted by [`walk`]; it stops when this drops the sender.
+    walked: Arc<[AtomicUsize; 2]>,
+    _walker: mpsc::Sender<()>,
 }
 
-/// The kernel keeps no entry count for hash maps, so the LRU maps are walked key by key (~65k syscalls when
-/// full); status pages may be polled often, so a count is reused for this long.
+/// The kernel keeps no entry count for hash maps, so the LRU maps are walked key by key: ~65k syscalls and tens of
+/// milliseconds when full. A thread of its own does that this often, so no catalog change waits behind a walk.
 const WALK_EVERY: Duration = Duration::from_secs(10);
 
 impl Tables {
@@ -42,15 +48,24 @@ impl Tables {
             let info = MapInfo::from_pin(pins.map(name)).with_context(|| format!("map {name} is not pinned"))?;
             capacity.insert(name, info.max_entries());
         }
+        let walked = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let (walker, stop) = mpsc::channel();
+        let lru = [pins.map(names::AFFINITY), pins.map(names::REV_NAT)];
+        let counts = Arc::clone(&walked);
+        std::thread::Builder::new()
+            .name("ebpf-map-fill".into())
+            .spawn(move || walk(&lru, &counts, &stop))
+            .context("starting the map fill counter")?;
         Ok(Self {
             services: typed(ebpf, pins, names::SERVICES)?,
             backends: typed(ebpf, pins, names::BACKENDS)?,
             maglev: typed(ebpf, pins, names::MAGLEV)?,
             rr: typed(ebpf, pins, names::RR)?,
             affinity: typed(ebpf, pins, names::AFFINITY)?,
-            rev_nat: typed(ebpf, pins, names::REV_NAT)?,
+            _rev_nat: typed(ebpf, pins, names::REV_NAT)?,
             capacity,
-            walked: Mutex::new(None),
+            walked: Arc::clone(&walked),
+            _walker: walker,
         })
     }
 
@@ -59,17 +74,9 @@ impl Tables {
     }
 
     /// Map name → (entries, capacity). `written` gives the counts the agent keeps for the maps it writes;
-    /// the kernel-filled LRU maps are counted by walking them, at most every [`WALK_EVERY`].
+    /// the kernel-filled LRU maps are as [`walk`] last counted them.
     pub fn fill(&self, written: [(&'static str, usize); 3]) -> BTreeMap<String, (usize, usize)> {
-        let mut walked = self.walked.lock().unwrap_or_else(|e| e.into_inner());
-        let [affinity, rev_nat] = match *walked {
-            Some((at, counts)) if at.elapsed() < WALK_EVERY => counts,
-            _ => {
-                let counts = [self.affinity.keys().count(), self.rev_nat.keys().count()];
-                *walked = Some((Instant::now(), counts));
-                counts
-            }
-        };
+        let [affinity, rev_nat] = [0, 1].map(|i| self.walked[i].load(Ordering::Relaxed));
         let rr = (names::RR, self.capacity(names::RR) as usize);
         written
             .into_iter()
@@ -77,6 +84,29 @@ impl Tables {
             .map(|(name, entries)| (name.to_string(), (entries, self.capacity(name) as usize)))
             .collect()
     }
+}
+
+/// Counts the entries of the pinned LRU maps (affinity, reverse NAT) every [`WALK_EVERY`] until `stop`'s sender is
+/// dropped.
+fn walk(paths: &[PathBuf; 2], counts: &[AtomicUsize; 2], stop: &mpsc::Receiver<()>) {
+    loop {
+        // Opened afresh each time: handles of its own, and a map an operator removed is simply not counted.
+        let entries = [entries::<AffinityKey, AffinityValue>(&paths[0]), entries::<RevNatKey, RevNatValue>(&paths[1])];
+        for ((path, count), entries) in paths.iter().zip(counts).zip(entries) {
+            match entries {
+                Ok(n) => count.store(n, Ordering::Relaxed),
+                Err(e) => debug!(map = %path.display(), error = %e, "cannot count entries"),
+            }
+        }
+        if stop.recv_timeout(WALK_EVERY) != Err(mpsc::RecvTimeoutError::Timeout) {
+            return;
+        }
+    }
+}
+
+fn entries<K: Pod, V: Pod>(path: &Path) -> Result<usize, MapError> {
+    let map: Map<K, V> = aya::maps::Map::from_map_data(MapData::from_pin(path)?)?.try_into()?;
+    Ok(map.keys().count())
 }
 
 fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(
