@@ -200,5 +200,25 @@ fn results_json(rows: &[Row]) -> serde_json::Value {
             entry
         })
         .collect();
-    json!({ "results": results })
+    json!(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::tools::Run;
+
+    fn row(target: Target, value: f64) -> Row {
+        let runs = Ok(vec![Run { value, errors: 0 }]);
+        Row { target, metrics: vec![runs; METRICS.len()], skipped: None, datapath: None, scale: None }
+    }
+
+    #[test]
+    fn the_plot_reads_what_the_suite_writes() {
+        let rows = [row(Target::Direct, 100.0), row(Target::AgentEbpf, 98.0)];
+        let proxy = json!({ "byServices": [{ "services": 1, "results": results_json(&rows) }] });
+        let svg = crate::bench::plot::svg(&METRICS, &proxy);
+        assert!(svg.contains("agent-ebpf: 0.98x"), "{svg}");
+        assert_eq!(svg.matches("<rect x=").count(), 2 * METRICS.len() + 2, "a bar per target and metric, 2 swatches");
+    }
 }
