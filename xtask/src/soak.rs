@@ -20,13 +20,12 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::bench::netns::{self, log_tail, Cgroup, Topology, BACKEND_IP};
-use crate::bench::proxy::targets::{start_backends, HTTP_PORT, VIP};
+use crate::bench::proxy::targets::{spawn_agent, start_backends, ADMIN, HTTP_PORT, VIP};
 use crate::bench::tools::{self, Client};
 use crate::{cmd, setup};
 
 /// What the load needs (dig is not enough for a steady rate; dnsperf keeps one and counts what was lost).
 const PACKAGES: &[&str] = &["wrk", "nginx-light", "dnsperf", "iproute2", "curl"];
-const ADMIN: &str = "127.0.0.1:19099";
 /// The agent's default `dns.listen`.
 const DNS: &str = "169.254.96.16";
 /// DNS queries per second per agent: steady work for the DNS path without starving the HTTP load of the 2 CPUs.
@@ -184,20 +183,8 @@ impl Soaked {
             config.push_str(&format!("  cgroupPath: {}\n", cgroup.0.display()));
         }
         std::fs::write(work.join("config.yaml"), config)?;
-        let mut run = netns::exec(&topo.node, agent);
-        run.arg("run").arg("--config").arg(work.join("config.yaml")).env("NO_COLOR", "1");
         let log = work.join("agent.log");
-        let pid = topo.spawn("mesh-agent", run, &log)?;
-        let node = topo.node.clone();
-        let ready = format!("http://{ADMIN}/readyz");
-        let until = Instant::now() + Duration::from_secs(15);
-        while cmd::probe(netns::exec(&node, "curl").args(["-sf", "-m", "1", &ready])).is_none() {
-            topo.check_alive("mesh-agent", &log)?;
-            if Instant::now() > until {
-                bail!("mesh-agent not ready after 15 s{}", log_tail(&log));
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        let pid = spawn_agent(&mut topo, agent, &work.join("config.yaml"), &log, Duration::from_secs(15))?;
         let soaked = Self { datapath, topo, cgroup, pid, log, catalog, http: Mutex::default(), dns: Mutex::default() };
         let (requests, failures) = http_run(&soaked.client(), 1, 0)?;
         if requests == 0 || failures > 0 {

@@ -209,21 +209,11 @@ fn start_agent(
     let config_path = work.join(format!("agent-{mode}.yaml"));
     std::fs::write(&config_path, config)?;
 
-    let node = topo.node.clone();
-    let mut run = netns::exec(&node, agent);
-    run.arg("run").arg("--config").arg(&config_path).env("NO_COLOR", "1");
     let log = work.join(format!("agent-{mode}.log"));
-    let pid = topo.spawn("mesh-agent", run, &log)?;
-    let url = format!("http://{ADMIN}");
     // Reading and programming 10,000 services takes a while on a small machine.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while cmd::probe(netns::exec(&node, "curl").args(["-sf", "-m", "1", &format!("{url}/readyz")])).is_none() {
-        topo.check_alive("mesh-agent", &log)?;
-        if Instant::now() > deadline {
-            bail!("mesh-agent not ready after 60 s{}", log_tail(&log));
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    let pid = spawn_agent(topo, agent, &config_path, &log, Duration::from_secs(60))?;
+    let node = topo.node.clone();
+    let url = format!("http://{ADMIN}");
     let datapath = cmd::output(netns::exec(&node, "curl").args(["-sf", "-m", "2", &format!("{url}/api/v1/datapath")]))?;
     let datapath: serde_json::Value = serde_json::from_str(&datapath).context("/api/v1/datapath is not JSON")?;
     let got = datapath.get("mode").and_then(|m| m.as_str()).unwrap_or("?");
@@ -231,6 +221,25 @@ fn start_agent(
         bail!("mesh-agent runs the {got} data path, not {mode}: {}", datapath.get("why").unwrap_or(&datapath));
     }
     Ok((datapath, RunningAgent { pid, catalog, services }))
+}
+
+/// Runs the agent in the node namespace with `config` (its admin API on [`ADMIN`]) and waits up to `within` for
+/// `/readyz`; returns its pid.
+pub fn spawn_agent(topo: &mut Topology, agent: &Path, config: &Path, log: &Path, within: Duration) -> Result<u32> {
+    let node = topo.node.clone();
+    let mut run = netns::exec(&node, agent);
+    run.arg("run").arg("--config").arg(config).env("NO_COLOR", "1");
+    let pid = topo.spawn("mesh-agent", run, log)?;
+    let ready = format!("http://{ADMIN}/readyz");
+    let deadline = Instant::now() + within;
+    while cmd::probe(netns::exec(&node, "curl").args(["-sf", "-m", "1", &ready])).is_none() {
+        topo.check_alive("mesh-agent", log)?;
+        if Instant::now() > deadline {
+            bail!("mesh-agent not ready after {} s{}", within.as_secs(), log_tail(log));
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Ok(pid)
 }
 
 /// Writes the catalog atomically (the agent never reads half a file): `services - 1` padding services with one
