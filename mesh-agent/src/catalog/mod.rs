@@ -1,7 +1,7 @@
 //! The service catalog: the desired state every consumer reads, as one immutable snapshot per change.
 //!
-//! Sources (`file`, `kubernetes`) produce [`Objects`]; [`Objects::to_catalog`] joins services with their
-//! endpoints into the model below, and `merge` combines the sources' catalogs.
+//! Sources (`file`, `kubernetes`) read [`Objects`], convert them to the model below ([`Objects::convert`]) and
+//! join services with their endpoints ([`manifest::join`]); `merge` combines the sources' catalogs.
 
 pub mod cache;
 pub mod file;
@@ -193,6 +193,7 @@ impl SourceState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).kubernetes = Some(status);
     }
 
+    /// Whether the newest input of some source was rejected.
     pub fn has_error(&self) -> bool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).last_error.is_some()
     }
