@@ -42,8 +42,9 @@ pub fn run(args: &Args, which: &[Target], work: &Path, agent: Result<&Path, &str
 }
 
 /// Sets every target up with `services` services, then measures in rounds, each round visiting every target in
-/// turn, so a burst of other load on the machine spreads over all targets instead of skewing one ratio. Prints
-/// the table.
+/// turn, so a burst of other load on the machine spreads over all targets instead of skewing one ratio. Each round
+/// starts one target further on, so no target always runs first or right after the same one (what a run leaves
+/// behind, TIME_WAIT sockets and cache state, then weighs on every target alike). Prints the table.
 fn measure(
     args: &Args,
     which: &[Target],
@@ -79,8 +80,8 @@ fn measure(
     let secs = args.duration;
     for (m, (_, title)) in METRICS.iter().enumerate() {
         for round in 1..=args.runs {
-            for (row, r) in rows.iter_mut().zip(&ready) {
-                let Some(r) = r else { continue };
+            for i in rotated(rows.len(), round) {
+                let (row, Some(r)) = (&mut rows[i], &ready[i]) else { continue };
                 let Ok(runs) = &mut row.metrics[m] else { continue };
                 let client = r.client();
                 let run = match m {
@@ -110,6 +111,11 @@ fn measure(
     }
     print_table(&rows, services);
     Ok(rows)
+}
+
+/// The order of the targets in round `round` (1-based): `0..n` rotated left by `round - 1`.
+fn rotated(n: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| (i + round - 1) % n)
 }
 
 /// Medians of the row's metrics (None where not measured).
@@ -220,5 +226,11 @@ mod tests {
         let svg = crate::bench::plot::svg(&METRICS, &proxy);
         assert!(svg.contains("agent-ebpf: 0.98x"), "{svg}");
         assert_eq!(svg.matches("<rect x=").count(), 2 * METRICS.len() + 2, "a bar per target and metric, 2 swatches");
+    }
+
+    #[test]
+    fn every_round_visits_every_target_once_starting_one_further_on() {
+        let rounds: Vec<Vec<usize>> = (1..=4).map(|round| rotated(3, round).collect()).collect();
+        assert_eq!(rounds, [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]);
     }
 }
