@@ -54,6 +54,9 @@ pub async fn run(config: Config) -> Result<()> {
     let failures = Arc::new(move |backend| reporter.report_failure(backend));
     let sources = sources::spawn(&config)?;
     let datapath = datapath::start(&config, failures, Arc::clone(&sources)).context("starting the data path")?;
+    if let Some(counters) = datapath.kernel_counters() {
+        view.set_kernel_counters(counters);
+    }
     let reconciler =
         Reconciler::new(ipam, device, datapath, dns_address, config.load_balancer.strategy, Arc::clone(&view), health);
     let resolved = reconciler.subscribe();

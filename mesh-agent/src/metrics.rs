@@ -185,6 +185,31 @@ impl Collector for ViewCollector {
             "Failed connects to each backend",
             per_backend(|b| b.connect_failures),
         )?;
+        let kernel = view.kernel_counts();
+        let per_kernel_frontend = |value: fn(&crate::datapath::KernelCounts) -> u64| {
+            kernel.iter().map(move |c| {
+                let labels = vec![("service", c.service.to_string()), ("frontend", c.frontend.to_string())];
+                (labels, ConstCounter::new(value(c)))
+            })
+        };
+        family(
+            &mut e,
+            "ebpf_connects",
+            "connect()s the kernel sent to a backend: TCP connections and connected UDP sockets",
+            per_kernel_frontend(|c| c.connects),
+        )?;
+        family(
+            &mut e,
+            "ebpf_datagrams",
+            "Unconnected UDP datagrams the kernel sent to a backend",
+            per_kernel_frontend(|c| c.datagrams),
+        )?;
+        family(
+            &mut e,
+            "ebpf_refused",
+            "connect()s and datagrams the kernel refused for want of a ready backend",
+            per_kernel_frontend(|c| c.refused),
+        )?;
         if let Some(dns) = &self.dns {
             family(
                 &mut e,

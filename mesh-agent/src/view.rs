@@ -3,14 +3,14 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, ClusterIp, SourceState, TargetPort};
-use crate::datapath::{DatapathStatus, Frontend, FrontendStats};
+use crate::datapath::{DatapathStatus, Frontend, FrontendStats, KernelCounters, KernelCounts};
 use crate::ipam::Assignment;
 use crate::reconcile::Resolved;
 
@@ -115,6 +115,8 @@ pub struct View {
     published: ArcSwap<Published>,
     datapath: ArcSwap<Option<DatapathStatus>>,
     frontend_stats: ArcSwap<Vec<(Frontend, FrontendStats)>>,
+    /// Set once the data path has started, if the kernel serves frontends.
+    kernel_counters: OnceLock<Arc<KernelCounters>>,
     /// Set once the first catalog has been applied to the data path.
     programmed: AtomicBool,
     /// Catalog snapshots applied, and how long the last one took (µs), for the metrics.
@@ -131,6 +133,7 @@ impl View {
             published: ArcSwap::from_pointee(Published::default()),
             datapath: ArcSwap::from_pointee(None),
             frontend_stats: ArcSwap::from_pointee(Vec::new()),
+            kernel_counters: OnceLock::new(),
             programmed: AtomicBool::new(false),
             applies: AtomicU64::new(0),
             last_apply_micros: AtomicU64::new(0),
@@ -153,6 +156,15 @@ impl View {
 
     pub fn frontend_stats(&self) -> Arc<Vec<(Frontend, FrontendStats)>> {
         self.frontend_stats.load_full()
+    }
+
+    pub fn set_kernel_counters(&self, counters: Arc<KernelCounters>) {
+        let _ = self.kernel_counters.set(counters);
+    }
+
+    /// What the kernel programs counted per frontend, read now; empty without the eBPF data path.
+    pub fn kernel_counts(&self) -> Vec<KernelCounts> {
+        self.kernel_counters.get().map(|c| c.read()).unwrap_or_default()
     }
 
     pub fn services(&self) -> Vec<ServiceView> {

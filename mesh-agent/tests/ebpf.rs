@@ -583,6 +583,40 @@ fn udp_reaches_backends_and_replies_come_from_the_vip() {
 }
 
 #[test]
+fn metrics_count_connects_datagrams_and_refusals_per_frontend() {
+    let test = "metrics_count_connects_datagrams_and_refusals_per_frontend";
+    let Some(w) = World::new(test, 2) else { return };
+    let Some(agent) = w.agent(test, "RoundRobin", "", &catalog("web", VIP, &w.addrs(2))) else { return };
+    let udp = require_feature(test, &agent, "udp");
+    assert_eq!(w.http(5, None).len(), 5);
+    if udp {
+        assert_eq!(w.udp(4, None, false).0.len(), 4);
+        assert_eq!(w.udp(3, None, true).0.len(), 3);
+    }
+    // The same frontends without endpoints: every attempt is refused, and counted as such.
+    agent.write_catalog(&catalog("web", VIP, &[]));
+    let emptied =
+        wait_for(Duration::from_secs(10), || agent.services()[0]["endpoints"].as_array()?.is_empty().then_some(()));
+    assert!(emptied.is_some(), "endpoints not removed: {}", agent.services());
+    assert_ne!(w.connect_errno("tcp", 80, false).0, 0);
+    if udp {
+        assert_ne!(w.connect_errno("udp", 53, false).0, 0);
+        assert_ne!(w.connect_errno("udp-sendto", 53, false).0, 0);
+    }
+    let series = |name: &str, frontend: &str| {
+        let series = format!("mesh_agent_ebpf_{name}_total{{service=\"default/web\",frontend=\"{frontend}\"}}");
+        agent.metric(&series).unwrap_or_else(|| panic!("no {series}:\n{}", agent.get("/metrics").unwrap().1))
+    };
+    let tcp = "10.250.0.10:80/TCP";
+    assert_eq!([series("connects", tcp), series("datagrams", tcp), series("refused", tcp)], [5, 0, 1]);
+    if udp {
+        // The connected socket is one connect; its datagrams are not translated one by one.
+        let dns = "10.250.0.10:53/UDP";
+        assert_eq!([series("connects", dns), series("datagrams", dns), series("refused", dns)], [1, 4, 2]);
+    }
+}
+
+#[test]
 fn no_ready_endpoint_fails_connect_at_once() {
     let test = "no_ready_endpoint_fails_connect_at_once";
     let Some(w) = World::new(test, 0) else { return };

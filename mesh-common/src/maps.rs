@@ -17,8 +17,9 @@ pub mod names {
     pub const RR: &str = "rr";
     pub const AFFINITY: &str = "affinity";
     pub const REV_NAT: &str = "rev_nat";
+    pub const COUNTERS: &str = "counters";
     /// Every map the agent pins and adopts.
-    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, MAGLEV, RR, AFFINITY, REV_NAT];
+    pub const ALL: [&str; 7] = [SERVICES, BACKENDS, MAGLEV, RR, AFFINITY, REV_NAT, COUNTERS];
 }
 
 /// Slots of a Maglev table; the agent's `lb::maglev::DEFAULT_SIZE` (a prime).
@@ -55,7 +56,8 @@ pub struct ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Index into the `rr` array and part of every per-service key; allocated by the agent, 0..max_services.
+    /// Index into the `rr` and `counters` arrays and part of every per-service key; allocated by the agent,
+    /// 0..max_services.
     pub id: u32,
     /// Ready backends in the current generation; 0 refuses connections.
     pub count: u32,
@@ -138,6 +140,19 @@ pub struct RevNatValue {
     pub _pad: u16,
 }
 
+/// What the programs did for one frontend on one CPU (a per-CPU array indexed by [`ServiceValue::id`]; the agent
+/// sums the CPUs and zeroes an id before giving it to a new frontend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrontendCounters {
+    /// connect()s sent to a backend: TCP connections and connected UDP sockets.
+    pub connects: u64,
+    /// Unconnected UDP datagrams sent to a backend.
+    pub datagrams: u64,
+    /// connect()s and datagrams refused for want of a ready backend.
+    pub refused: u64,
+}
+
 const _: () = assert!(size_of::<ServiceKey>() == 8);
 const _: () = assert!(size_of::<ServiceValue>() == 16);
 const _: () = assert!(size_of::<BackendKey>() == 8);
@@ -148,6 +163,7 @@ const _: () = assert!(size_of::<AffinityKey>() == 16);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<RevNatKey>() == 16);
 const _: () = assert!(size_of::<RevNatValue>() == 8);
+const _: () = assert!(size_of::<FrontendCounters>() == 24);
 
 /// [`AffinityKey::client`] for a client with a source address (network byte order).
 #[inline(always)]
@@ -188,6 +204,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for FrontendCounters {}
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 #![feature(core_intrinsics, asm_experimental_arch)]
 #![allow(internal_features)]
 
+mod count;
 mod maps;
 mod nat;
 mod pick;
@@ -65,23 +66,28 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
 
 /// TCP and connected UDP: VIP:port → a backend for the socket's lifetime.
 fn try_connect4<const EXACT_RR: bool>(ctx: &SockAddrContext) -> Result<(), NoBackend> {
-    translate::<EXACT_RR>(ctx, 0)
+    translate::<EXACT_RR>(ctx, None)
 }
 
 /// Unconnected UDP: each datagram to VIP:port is sent to a backend picked for it.
 fn try_sendmsg4<const EXACT_RR: bool>(ctx: &SockAddrContext) -> Result<(), NoBackend> {
     let msg_src = Addr::new(ctx).msg_src();
-    translate::<EXACT_RR>(ctx, msg_src)
+    translate::<EXACT_RR>(ctx, Some(msg_src))
 }
 
-fn translate<const EXACT_RR: bool>(ctx: &SockAddrContext, msg_src: u32) -> Result<(), NoBackend> {
+/// `msg_src` is sendmsg's explicit source address (0 when unset), `None` for connect. Inlined: across a BPF call
+/// an `Option` travels in two registers, and for `None` the verifier rejects the payload's as never written.
+#[inline(always)]
+fn translate<const EXACT_RR: bool>(ctx: &SockAddrContext, msg_src: Option<u32>) -> Result<(), NoBackend> {
     let addr = Addr::new(ctx);
     let Some(key) = addr.service_key() else { return Ok(()) };
     // SAFETY: a copy is taken; the agent replaces service entries whole.
     let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else { return Ok(()) };
-    let backend = pick::pick::<EXACT_RR>(&svc, || addr.client(msg_src))?;
+    let picked = pick::pick::<EXACT_RR>(&svc, || addr.client(msg_src.unwrap_or(0)));
+    count::translation(svc.id, msg_src.is_some(), picked.is_ok());
+    let backend = picked?;
     addr.set(backend.addr, backend.port);
-    nat::remember(&addr, &backend, &key);
+    nat::remember(&addr, &backend, &key, msg_src.is_some());
     debug!(
         ctx,
         "{} {:i}:{} -> {:i}:{}",

@@ -4,11 +4,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use mesh_common::maps::{
-    AffinityKey, AffinityValue, Backend, BackendKey, MaglevKey, MaglevTable, RevNatKey, RevNatValue, ServiceKey,
-    ServiceValue, AFFINITY_ENTRIES, REV_NAT_ENTRIES,
+    AffinityKey, AffinityValue, Backend, BackendKey, FrontendCounters, MaglevKey, MaglevTable, RevNatKey, RevNatValue,
+    ServiceKey, ServiceValue, AFFINITY_ENTRIES, REV_NAT_ENTRIES,
 };
 
 #[map(name = "services")]
@@ -30,3 +30,7 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned
 
 #[map(name = "rev_nat")]
 pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(REV_NAT_ENTRIES, 0);
+
+/// What the programs did per service id, per CPU: no atomics and no cache line shared between CPUs.
+#[map(name = "counters")]
+pub static COUNTERS: PerCpuArray<FrontendCounters> = PerCpuArray::pinned(1024, 0);

@@ -8,13 +8,14 @@ fn key(cookie: u64, backend: &Backend) -> RevNatKey {
     RevNatKey { cookie, addr: backend.addr, port: backend.port, _pad: 0 }
 }
 
-/// Remembers that this socket's `backend` stands for `frontend`. Looks first, so a UDP socket sending many
-/// datagrams to one backend does not rewrite the entry each time.
-pub fn remember(addr: &Addr, backend: &Backend, frontend: &ServiceKey) {
+/// Remembers that this socket's `backend` stands for `frontend`. A connect translates once per socket, so its
+/// entry is written straight away; `per_datagram` (sendmsg) looks first, so a UDP socket sending many datagrams
+/// to one backend does not rewrite the entry each time.
+pub fn remember(addr: &Addr, backend: &Backend, frontend: &ServiceKey, per_datagram: bool) {
     let key = key(addr.socket_cookie(), backend);
     let value = RevNatValue { vip: frontend.vip, port: frontend.port, _pad: 0 };
     // SAFETY: a copy is read; a concurrent update at worst makes us write the same value again.
-    if unsafe { REV_NAT.get(key) } != Some(&value) {
+    if !per_datagram || unsafe { REV_NAT.get(key) } != Some(&value) {
         // An LRU map makes room by itself; failure only means getpeername shows the backend.
         let _ = REV_NAT.insert(key, value, 0);
     }

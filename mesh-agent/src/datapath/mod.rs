@@ -7,6 +7,7 @@ mod split;
 pub mod userspace;
 
 pub use crate::sources::Sources;
+pub use ebpf::{KernelCounters, KernelCounts};
 pub use split::start;
 pub use userspace::{BackendStats, FrontendStats};
 
@@ -130,6 +131,10 @@ pub trait Datapath: Send {
     /// Per-frontend counters, where the data path keeps them (the proxy does; the kernel path does not).
     fn frontend_stats(&self) -> Vec<(Frontend, FrontendStats)> {
         Vec::new()
+    }
+    /// The kernel programs' per-frontend counters, where eBPF serves frontends.
+    fn kernel_counters(&self) -> Option<Arc<KernelCounters>> {
+        None
     }
     /// Stops taking new connections; those established go on (graceful shutdown drains them).
     fn stop_accepting(&mut self) {}

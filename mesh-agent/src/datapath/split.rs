@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
-use super::ebpf::{self, EbpfDatapath, EbpfOptions};
+use super::ebpf::{self, EbpfDatapath, EbpfOptions, KernelCounters};
 use super::userspace::UserspaceDatapath;
 use super::{ApplyError, Change, Datapath, DatapathStatus, FailureSink, Frontend, Sources};
 use crate::config::{Config, DataplaneMode};
@@ -155,6 +156,10 @@ impl Datapath for Split {
 
     fn frontend_stats(&self) -> Vec<(Frontend, super::FrontendStats)> {
         self.userspace.stats()
+    }
+
+    fn kernel_counters(&self) -> Option<Arc<KernelCounters>> {
+        self.ebpf.as_ref().map(EbpfDatapath::kernel_counters)
     }
 
     fn shutdown(self: Box<Self>) {

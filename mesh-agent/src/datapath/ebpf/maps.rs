@@ -7,11 +7,11 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::Context;
-use aya::maps::{Array, HashMap, MapData, MapError, MapInfo};
+use aya::maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues};
 use aya::{Ebpf, Pod};
 use mesh_common::maps::{
-    names, AffinityKey, AffinityValue, Backend, BackendKey, MaglevKey, MaglevTable, RevNatKey, RevNatValue, ServiceKey,
-    ServiceValue,
+    names, AffinityKey, AffinityValue, Backend, BackendKey, FrontendCounters, MaglevKey, MaglevTable, RevNatKey,
+    RevNatValue, ServiceKey, ServiceValue,
 };
 
 use tracing::debug;
@@ -26,6 +26,7 @@ pub struct Tables {
     pub maglev: Map<MaglevKey, MaglevTable>,
     pub rr: Array<MapData, u64>,
     pub affinity: Map<AffinityKey, AffinityValue>,
+    pub counters: PerCpuArray<MapData, FrontendCounters>,
     /// Only the kernel writes it; held so the programs loaded after [`Tables::take`] can refer to it.
     _rev_nat: Map<RevNatKey, RevNatValue>,
     /// max_entries as the kernel has them: a pinned map keeps the capacity it was created with.
@@ -62,11 +63,19 @@ impl Tables {
             maglev: typed(ebpf, pins, names::MAGLEV)?,
             rr: typed(ebpf, pins, names::RR)?,
             affinity: typed(ebpf, pins, names::AFFINITY)?,
+            counters: typed(ebpf, pins, names::COUNTERS)?,
             _rev_nat: typed(ebpf, pins, names::REV_NAT)?,
             capacity,
             walked: Arc::clone(&walked),
             _walker: walker,
         })
+    }
+
+    /// Zeroes frontend `id`'s counters on every CPU, so a reused id starts from nothing.
+    pub fn reset_counters(&mut self, id: u32) -> anyhow::Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        let zeroes = PerCpuValues::try_from(vec![FrontendCounters::default(); cpus])?;
+        self.counters.set(id, zeroes, 0).context("zeroing the frontend's counters")
     }
 
     pub fn capacity(&self, name: &str) -> u32 {

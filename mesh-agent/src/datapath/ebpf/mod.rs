@@ -3,13 +3,15 @@
 //!
 //! Layout: `probe` asks the kernel what it can do, `pins` owns the bpffs directory, `programs` loads and
 //! attaches through pinned links, `maps` holds the typed map handles, `services` turns frontends into map
-//! entries, `log` forwards the programs' aya-log records.
+//! entries, `counters` reads what the programs counted per frontend, `log` forwards the programs' aya-log
+//! records.
 //!
 //! A connect() to a service without ready backends fails at once: with ECONNREFUSED where the kernel has
 //! bpf_set_retval (5.18), else with EPERM (what a cgroup hook's refusal means); no packet goes to the VIP.
 //! Kernel floor: 5.8 (ring buffers for the log map, cgroup bpf_link); above it each hook is used where the
 //! kernel has it and `handles` sends the rest to the userspace proxy.
 
+mod counters;
 mod log;
 mod maps;
 mod pins;
@@ -20,9 +22,11 @@ mod services;
 mod tests;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::bail;
 
+pub use counters::{KernelCounters, KernelCounts};
 pub use pins::default_pin_dir;
 pub use probe::{probe, Feature, Probe};
 
@@ -60,6 +64,7 @@ pub struct EbpfDatapath {
     attachments: Vec<Attachment>,
     tables: Tables,
     services: Services,
+    counters: Arc<KernelCounters>,
     adopted: usize,
     _logs: Option<log::KernelLogs>,
 }
@@ -81,6 +86,7 @@ impl EbpfDatapath {
         let tables = Tables::take(&mut ebpf, &pins)?;
         let services = Services::adopt(&tables)?;
         let adopted = services.len();
+        let counters = KernelCounters::open(&pins)?;
         let logs = log::KernelLogs::start(&mut ebpf)
             .inspect_err(|e| tracing::warn!("eBPF program logs unavailable: {e:#}"))
             .ok();
@@ -91,7 +97,17 @@ impl EbpfDatapath {
             adopted,
             "eBPF data path attached"
         );
-        Ok(Self { opts: opts.clone(), probe: probe.clone(), pins, attachments, tables, services, adopted, _logs: logs })
+        Ok(Self {
+            opts: opts.clone(),
+            probe: probe.clone(),
+            pins,
+            attachments,
+            tables,
+            services,
+            counters,
+            adopted,
+            _logs: logs,
+        })
     }
 
     /// Whether this data path serves `f`; the rest belongs to the userspace proxy.
@@ -123,6 +139,11 @@ impl EbpfDatapath {
         if let Err(e) = self.pins.remove() {
             tracing::warn!("removing eBPF pins: {e}");
         }
+    }
+
+    /// The programs' per-frontend counters, readable from any thread.
+    pub fn kernel_counters(&self) -> Arc<KernelCounters> {
+        Arc::clone(&self.counters)
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -172,6 +193,9 @@ impl Datapath for EbpfDatapath {
             if let Err(e) = result {
                 errors.failed.push((*frontend, format!("{e:#}")));
             }
+        }
+        if !changes.is_empty() {
+            self.counters.publish(self.services.ids());
         }
         errors.check()
     }

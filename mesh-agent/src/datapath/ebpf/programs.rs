@@ -73,6 +73,7 @@ pub fn load(object: &[u8], pins: &PinDir, probe: &Probe, sizes: &Sizes, log_leve
         .default_map_pin_directory(pins.maps())
         .map_max_entries(names::SERVICES, sizes.max_services)
         .map_max_entries(names::RR, sizes.max_services)
+        .map_max_entries(names::COUNTERS, sizes.max_services)
         // Two generations per service, so an update never overwrites slots in use.
         .map_max_entries(names::BACKENDS, sizes.max_backends.saturating_mul(2))
         .map_max_entries(names::MAGLEV, sizes.max_services.saturating_mul(2))

@@ -12,7 +12,7 @@ use mesh_common::maps::{
 };
 
 use super::maps::{self, Tables};
-use crate::catalog::Protocol;
+use crate::catalog::{Protocol, ServiceId};
 use crate::datapath::{Frontend, FrontendSpec};
 use crate::lb::{maglev, Policy, Strategy};
 
@@ -29,6 +29,8 @@ struct Entry {
     maglev: [bool; 2],
     /// Upserted since this agent started; adopted entries are not until the catalog confirms them.
     confirmed: bool,
+    /// The service the frontend belongs to; unknown for an adopted entry until the catalog confirms it.
+    service: Option<ServiceId>,
 }
 
 pub struct Services {
@@ -63,6 +65,7 @@ impl Services {
                 filled: gens.map(|g| filled.get(&(value.id, g)).copied().unwrap_or(0)),
                 maglev: gens.map(|g| maglevs.contains(&maglev_key(value.id, g))),
                 confirmed: false,
+                service: None,
             };
             entries.insert(key, entry);
         }
@@ -73,6 +76,14 @@ impl Services {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Each frontend whose service is known, with the id its counters are kept under, in frontend order.
+    pub fn ids(&self) -> Vec<(Frontend, ServiceId, u32)> {
+        let known = self.entries.iter().filter_map(|(key, e)| Some((key, e.service.clone()?, e.value.id)));
+        let mut ids: Vec<_> = known.map(|(key, service, id)| (frontend_of(key), service, id)).collect();
+        ids.sort_unstable_by_key(|(frontend, _, _)| *frontend);
+        ids
     }
 
     /// Entries the agent writes itself, for the status page: services, backend slots, Maglev tables.
@@ -95,6 +106,7 @@ impl Services {
                 && (v.strategy, v.flags, v.affinity_timeout_secs) == (strategy, flags, affinity_timeout_secs)
             {
                 entry.confirmed = true;
+                entry.service = Some(spec.service.clone());
                 return Ok(());
             }
         }
@@ -103,6 +115,13 @@ impl Services {
             Some(e) => (e.value.id, e.value.generation ^ 1),
             None => (self.free_ids.pop().context("the service map is full (see maxServices)")?, 0),
         };
+        if old.is_none() {
+            // Counting is secondary to serving: a frontend whose counters cannot be zeroed (an id beyond a counters
+            // map created smaller, under pins from an agent without one) is served and reported without them.
+            if let Err(e) = tables.reset_counters(id) {
+                tracing::warn!(frontend = %frontend, "{e:#}; its counters are not reported");
+            }
+        }
         // Round robin starts at the first backend for a new frontend or a new strategy, as a new userspace
         // balancer does; otherwise it continues across backend changes.
         if old.as_ref().is_none_or(|e| e.value.strategy != strategy) {
@@ -119,6 +138,7 @@ impl Services {
             filled: [0; 2],
             maglev: [false; 2],
             confirmed: true,
+            service: None,
         });
         let written = write_generation(tables, &mut entry, id, generation, &backends, strategy, &spec.backends);
         if let Err(e) = written {
@@ -146,6 +166,7 @@ impl Services {
         entry.value = value;
         entry.backends = backends;
         entry.confirmed = true;
+        entry.service = Some(spec.service.clone());
         if let Some(old) = old.filter(|o| o.value.flags & FLAG_AFFINITY != 0) {
             // Like the userspace table: a changed timeout (or no affinity) starts over, else drop gone backends.
             let forget_all = old.value.affinity_timeout_secs != affinity_timeout_secs || flags & FLAG_AFFINITY == 0;
