@@ -65,7 +65,10 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics_text(State(s): State<AppState>) -> Response {
-    match s.metrics.encode() {
+    // At 10,000 frontends a scrape takes milliseconds (a map lookup per kernel-served frontend, a few series per
+    // proxied one): off the runtime's workers, so proxied connections never wait behind it.
+    let encoded = tokio::task::spawn_blocking(move || s.metrics.encode().map_err(|e| e.to_string())).await;
+    match encoded.unwrap_or_else(|e| Err(e.to_string())) {
         Ok(body) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")).into_response(),
