@@ -1,5 +1,5 @@
-//! What a large catalog costs the agent: the time from a catalog change to the data path carrying it, and the
-//! agent's memory.
+//! What a large catalog costs the agent: the time from a catalog change to the data path carrying it, the
+//! agent's memory, and the time a `/metrics` scrape takes.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -14,6 +14,8 @@ use crate::bench::{netns, tools};
 
 /// Catalog changes timed per agent target.
 const CHANGES: usize = 50;
+/// `/metrics` scrapes timed per agent target.
+const SCRAPES: usize = 5;
 
 /// Milliseconds, per catalog change.
 pub struct ChangeTimes {
@@ -26,6 +28,8 @@ pub struct ChangeTimes {
 pub struct Scale {
     pub changes: ChangeTimes,
     pub rss_mib: f64,
+    /// Milliseconds per `/metrics` scrape.
+    pub scrape_ms: Vec<f64>,
 }
 
 impl Scale {
@@ -38,6 +42,7 @@ impl Scale {
                 "apply": summary(&self.changes.apply),
             },
             "rssMiB": self.rss_mib,
+            "scrapeMs": { "p50": percentile(&self.scrape_ms, 50.0) },
         })
     }
 
@@ -45,20 +50,30 @@ impl Scale {
         let (e, a) = (&self.changes.end_to_end, &self.changes.apply);
         format!(
             "catalog change -> data path p50 {:.1} ms, p99 {:.1} ms (the reconciler's part p50 {:.1} ms, p99 {:.1} \
-             ms; {} changes); RSS {:.1} MiB",
+             ms; {} changes); RSS {:.1} MiB; a /metrics scrape p50 {:.1} ms",
             percentile(e, 50.0),
             percentile(e, 99.0),
             percentile(a, 50.0),
             percentile(a, 99.0),
             e.len(),
-            self.rss_mib
+            self.rss_mib,
+            percentile(&self.scrape_ms, 50.0)
         )
     }
 }
 
 /// Moves the measured service's HTTP endpoint between the backend's two ports [`CHANGES`] times, each time
-/// waiting for the agent to have applied it, then reads the agent's RSS.
+/// waiting for the agent to have applied it, then reads the agent's RSS and times [`SCRAPES`] scrapes.
 pub fn measure(node_ns: &str, agent: &RunningAgent) -> Result<Scale> {
+    let scrape_ms = netns::in_namespace(node_ns, || {
+        (0..SCRAPES)
+            .map(|_| {
+                let start = Instant::now();
+                get("/metrics")?;
+                Ok(start.elapsed().as_secs_f64() * 1e3)
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
     let changes = netns::in_namespace(node_ns, || {
         let mut times = ChangeTimes { end_to_end: Vec::new(), apply: Vec::new() };
         for i in 0..CHANGES {
@@ -75,7 +90,7 @@ pub fn measure(node_ns: &str, agent: &RunningAgent) -> Result<Scale> {
         }
         Ok(times)
     })?;
-    Ok(Scale { changes, rss_mib: rss_kib(agent.pid)? as f64 / 1024.0 })
+    Ok(Scale { changes, rss_mib: rss_kib(agent.pid)? as f64 / 1024.0, scrape_ms })
 }
 
 fn wait_applied(before: u64) -> Result<serde_json::Value> {
@@ -96,14 +111,19 @@ fn applies(status: &serde_json::Value) -> Result<u64> {
     status.get("applies").and_then(|a| a.as_u64()).context("status: applies")
 }
 
-/// `/api/v1/status` over plain HTTP/1.0: one small request, where spawning curl would dominate the time measured.
 fn status() -> Result<serde_json::Value> {
+    let body = get("/api/v1/status")?;
+    serde_json::from_str(&body).with_context(|| format!("admin API: status is not JSON: {body}"))
+}
+
+/// The body of an admin API `path`, over plain HTTP/1.0: where spawning curl would dominate the time measured.
+fn get(path: &str) -> Result<String> {
     let mut stream = TcpStream::connect(targets::ADMIN).context("admin API")?;
-    stream.write_all(b"GET /api/v1/status HTTP/1.0\r\n\r\n")?;
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body).context("admin API: no HTTP body")?;
-    serde_json::from_str(body).with_context(|| format!("admin API: status is not JSON: {body}"))
+    let (_, body) = response.split_once("\r\n\r\n").with_context(|| format!("admin API {path}: no HTTP body"))?;
+    Ok(body.to_owned())
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
