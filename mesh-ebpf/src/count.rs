@@ -3,7 +3,8 @@
 use crate::maps::COUNTERS;
 
 /// Counts one translation of frontend `id`: a connect() or (`datagram`) an unconnected UDP sendmsg(), sent to a
-/// backend or (`!sent`) refused. Plain adds: the entry is this CPU's own and the program cannot migrate mid-run.
+/// backend or (`!sent`) refused. Plain adds: the entry is this CPU's alone and the program cannot migrate mid-run
+/// (only on a fully preemptible kernel could a run preempted by another on the same CPU lose a count).
 #[inline(always)]
 pub fn translation(id: u32, datagram: bool, sent: bool) {
     let Some(counters) = COUNTERS.get_ptr_mut(id) else { return };
