@@ -151,3 +151,35 @@ fn adopts_pinned_state_and_detaches_on_shutdown() {
     second.shutdown();
     assert!(!pins.exists());
 }
+
+/// Counters are the kernel's: a restarted agent reports what its predecessor's programs counted, and a frontend
+/// given a removed frontend's id starts from zero.
+#[test]
+fn counters_survive_a_restart_and_start_at_zero_for_a_reused_id() {
+    if cannot_run().is_some() {
+        return;
+    }
+    let probe = probe();
+    let cgroup = ChildCgroup::new();
+    let opts = options(&cgroup);
+    let (old, new) = (frontend(80, Protocol::Tcp), frontend(81, Protocol::Tcp));
+    let connects = |d: &EbpfDatapath| d.kernel_counters().read().into_iter().map(|c| (c.frontend, c.connects));
+
+    let mut first = EbpfDatapath::start(&opts, &probe).unwrap();
+    first.apply(&[Change::Upsert(old, spec(Strategy::RoundRobin, &[8080]))]).unwrap();
+    let [(_, _, id)] = first.services.ids().try_into().unwrap();
+    // Stand in for the programs: two connects on every CPU.
+    let cpus = aya::util::nr_cpus().unwrap();
+    let counted = mesh_common::maps::FrontendCounters { connects: 2, ..Default::default() };
+    first.tables.counters.set(id, vec![counted; cpus].try_into().unwrap(), 0).unwrap();
+    assert_eq!(connects(&first).collect::<Vec<_>>(), [(old, 2 * cpus as u64)]);
+    drop(first);
+
+    let mut second = EbpfDatapath::start(&opts, &probe).unwrap();
+    second.apply(&[Change::Upsert(old, spec(Strategy::RoundRobin, &[8080]))]).unwrap();
+    assert_eq!(connects(&second).collect::<Vec<_>>(), [(old, 2 * cpus as u64)], "lost across the restart");
+    second.apply(&[Change::Remove(old), Change::Upsert(new, spec(Strategy::RoundRobin, &[8080]))]).unwrap();
+    assert_eq!(second.services.ids(), [(new, spec(Strategy::RoundRobin, &[]).service, id)], "the id is reused");
+    assert_eq!(connects(&second).collect::<Vec<_>>(), [(new, 0)]);
+    second.shutdown();
+}
