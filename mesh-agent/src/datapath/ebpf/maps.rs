@@ -27,6 +27,8 @@ pub struct Tables {
     pub rr: Array<MapData, u64>,
     pub affinity: Map<AffinityKey, AffinityValue>,
     pub counters: PerCpuArray<MapData, FrontendCounters>,
+    /// Possible CPUs: the length of every per-CPU value.
+    cpus: usize,
     /// Only the kernel writes it; held so the programs loaded after [`Tables::take`] can refer to it.
     _rev_nat: Map<RevNatKey, RevNatValue>,
     /// max_entries as the kernel has them: a pinned map keeps the capacity it was created with.
@@ -49,6 +51,7 @@ impl Tables {
             let info = MapInfo::from_pin(pins.map(name)).with_context(|| format!("map {name} is not pinned"))?;
             capacity.insert(name, info.max_entries());
         }
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
         let walked = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
         let (walker, stop) = mpsc::channel();
         let lru = [pins.map(names::AFFINITY), pins.map(names::REV_NAT)];
@@ -64,6 +67,7 @@ impl Tables {
             rr: typed(ebpf, pins, names::RR)?,
             affinity: typed(ebpf, pins, names::AFFINITY)?,
             counters: typed(ebpf, pins, names::COUNTERS)?,
+            cpus,
             _rev_nat: typed(ebpf, pins, names::REV_NAT)?,
             capacity,
             walked: Arc::clone(&walked),
@@ -73,8 +77,7 @@ impl Tables {
 
     /// Zeroes frontend `id`'s counters on every CPU, so a reused id starts from nothing.
     pub fn reset_counters(&mut self, id: u32) -> anyhow::Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        let zeroes = PerCpuValues::try_from(vec![FrontendCounters::default(); cpus])?;
+        let zeroes = PerCpuValues::try_from(vec![FrontendCounters::default(); self.cpus])?;
         self.counters.set(id, zeroes, 0).context("zeroing the frontend's counters")
     }
 

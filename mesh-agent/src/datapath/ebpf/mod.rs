@@ -194,7 +194,7 @@ impl Datapath for EbpfDatapath {
                 errors.failed.push((*frontend, format!("{e:#}")));
             }
         }
-        if !changes.is_empty() {
+        if self.services.take_ids_changed() {
             self.counters.publish(self.services.ids());
         }
         errors.check()

@@ -36,6 +36,8 @@ struct Entry {
 pub struct Services {
     entries: BTreeMap<ServiceKey, Entry>,
     free_ids: Vec<u32>,
+    /// A frontend came, went or changed service since [`Services::take_ids_changed`] last looked.
+    ids_changed: bool,
 }
 
 impl Services {
@@ -71,7 +73,7 @@ impl Services {
         }
         let used: Vec<u32> = entries.values().map(|e| e.value.id).collect();
         let free_ids = (0..tables.capacity(names::RR)).rev().filter(|id| !used.contains(id)).collect();
-        Ok(Self { entries, free_ids })
+        Ok(Self { entries, free_ids, ids_changed: false })
     }
 
     pub fn len(&self) -> usize {
@@ -84,6 +86,11 @@ impl Services {
         let mut ids: Vec<_> = known.map(|(key, service, id)| (frontend_of(key), service, id)).collect();
         ids.sort_unstable_by_key(|(frontend, _, _)| *frontend);
         ids
+    }
+
+    /// Whether [`Services::ids`] changed since the last call: most catalog changes only move backends.
+    pub fn take_ids_changed(&mut self) -> bool {
+        std::mem::take(&mut self.ids_changed)
     }
 
     /// Entries the agent writes itself, for the status page: services, backend slots, Maglev tables.
@@ -106,7 +113,10 @@ impl Services {
                 && (v.strategy, v.flags, v.affinity_timeout_secs) == (strategy, flags, affinity_timeout_secs)
             {
                 entry.confirmed = true;
-                entry.service = Some(spec.service.clone());
+                if entry.service.as_ref() != Some(&spec.service) {
+                    entry.service = Some(spec.service.clone());
+                    self.ids_changed = true;
+                }
                 return Ok(());
             }
         }
@@ -166,7 +176,10 @@ impl Services {
         entry.value = value;
         entry.backends = backends;
         entry.confirmed = true;
-        entry.service = Some(spec.service.clone());
+        if entry.service.as_ref() != Some(&spec.service) {
+            entry.service = Some(spec.service.clone());
+            self.ids_changed = true;
+        }
         if let Some(old) = old.filter(|o| o.value.flags & FLAG_AFFINITY != 0) {
             // Like the userspace table: a changed timeout (or no affinity) starts over, else drop gone backends.
             let forget_all = old.value.affinity_timeout_secs != affinity_timeout_secs || flags & FLAG_AFFINITY == 0;
@@ -186,6 +199,7 @@ impl Services {
         delete_generations(tables, &entry);
         prune_affinity(tables, entry.value.id, &[])?;
         self.free_ids.push(entry.value.id);
+        self.ids_changed = true;
         Ok(())
     }
 
