@@ -18,7 +18,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aya::maps::{HashMap, MapData};
 use mesh_agent::lb::{Balancer, Policy, Strategy};
+use mesh_common::maps::{names, RevNatKey, RevNatValue};
 use serde_json::Value;
 use support::agent::{catalog, Agent, Options};
 use support::backend::{HttpBackend, ServerProcess, UdpEcho};
@@ -579,6 +581,41 @@ fn udp_reaches_backends_and_replies_come_from_the_vip() {
     assert!(replies.iter().all(|(b, from)| *b == replies[0].0 && from == "10.250.0.10:53"), "{replies:?}");
     if require_feature(test, &agent, "getpeername") {
         assert_eq!(peer.as_deref(), Some("10.250.0.10:53"));
+    }
+}
+
+/// Entries in the pinned reverse-NAT LRU (unconnected UDP sockets' translations).
+fn rev_nat_entries(w: &World) -> usize {
+    let path = w.cg.pin_dir().join("maps").join(names::REV_NAT);
+    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let map: HashMap<MapData, RevNatKey, RevNatValue> =
+        aya::maps::Map::from_map_data(data).unwrap().try_into().unwrap();
+    map.keys().count()
+}
+
+#[test]
+fn connected_sockets_keep_their_translation_on_the_socket() {
+    let test = "connected_sockets_keep_their_translation_on_the_socket";
+    let Some(w) = World::new(test, 2) else { return };
+    let Some(agent) = w.agent(test, "RoundRobin", "", &catalog("web", VIP, &w.addrs(2))) else { return };
+    if !require_feature(test, &agent, "getpeername") {
+        return;
+    }
+    assert!(w.cg.pin_dir().join("maps").join(names::SOCK_NAT).exists(), "socket storage not pinned");
+    // TCP and a connected UDP socket: the VIP as peer, and nothing in the LRU that unconnected UDP relies on,
+    // so no amount of connection churn can evict a UDP socket's entry.
+    let answers = w.get(20, None);
+    assert!(answers.iter().all(|(_, peer)| peer == "10.250.0.10:80"), "getpeername: {answers:?}");
+    let udp = require_feature(test, &agent, "udp");
+    if udp {
+        assert_eq!(w.udp(3, None, true).1.as_deref(), Some("10.250.0.10:53"));
+    }
+    assert_eq!(rev_nat_entries(&w), 0, "connected sockets went to the LRU");
+    if udp {
+        // One unconnected socket, two datagrams, round robin over two backends: one entry per backend.
+        let (replies, _) = w.udp(2, None, false);
+        assert!(replies.iter().all(|(_, from)| from == "10.250.0.10:53"), "{replies:?}");
+        assert_eq!(rev_nat_entries(&w), 2);
     }
 }
 

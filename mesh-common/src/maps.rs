@@ -17,9 +17,10 @@ pub mod names {
     pub const RR: &str = "rr";
     pub const AFFINITY: &str = "affinity";
     pub const REV_NAT: &str = "rev_nat";
+    pub const SOCK_NAT: &str = "sock_nat";
     pub const COUNTERS: &str = "counters";
     /// Every map the agent pins and adopts.
-    pub const ALL: [&str; 7] = [SERVICES, BACKENDS, MAGLEV, RR, AFFINITY, REV_NAT, COUNTERS];
+    pub const ALL: [&str; 8] = [SERVICES, BACKENDS, MAGLEV, RR, AFFINITY, REV_NAT, SOCK_NAT, COUNTERS];
 }
 
 /// Slots of a Maglev table; the agent's `lb::maglev::DEFAULT_SIZE` (a prime).
@@ -28,8 +29,9 @@ pub const MAGLEV_SIZE: usize = 1021;
 pub const MAX_BACKENDS_PER_SERVICE: u32 = u16::MAX as u32;
 /// LRU capacity for ClientIP affinity entries (per client and service).
 pub const AFFINITY_ENTRIES: u32 = 65_536;
-/// LRU capacity for reverse translations (per socket and backend), for getpeername and UDP replies. A socket
-/// evicted from it sees its backend's address instead of the VIP.
+/// LRU capacity for unconnected UDP sockets' reverse translations (per socket and backend), for their replies. A
+/// socket evicted from it sees its backend's address instead of the VIP. Connected sockets keep theirs on the
+/// socket ([`SockNat`]), so TCP connection churn never evicts a UDP socket's entry.
 pub const REV_NAT_ENTRIES: u32 = 65_536;
 
 pub const PROTO_TCP: u8 = 6;
@@ -140,6 +142,15 @@ pub struct RevNatValue {
     pub _pad: u16,
 }
 
+/// A connected socket's translation, kept in socket-local storage: written once by connect, freed with the
+/// socket, never evicted. `backend` is checked before restoring, since a socket may reconnect elsewhere.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockNat {
+    pub backend: Backend,
+    pub frontend: RevNatValue,
+}
+
 /// What the programs did for one frontend on one CPU (a per-CPU array indexed by [`ServiceValue::id`]; the agent
 /// sums the CPUs and zeroes an id before giving it to a new frontend).
 #[repr(C)]
@@ -163,6 +174,7 @@ const _: () = assert!(size_of::<AffinityKey>() == 16);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<RevNatKey>() == 16);
 const _: () = assert!(size_of::<RevNatValue>() == 8);
+const _: () = assert!(size_of::<SockNat>() == 16);
 const _: () = assert!(size_of::<FrontendCounters>() == 24);
 
 /// [`AffinityKey::client`] for a client with a source address (network byte order).

@@ -3,12 +3,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use mesh_common::maps::{
     AffinityKey, AffinityValue, Backend, BackendKey, FrontendCounters, MaglevKey, MaglevTable, RevNatKey, RevNatValue,
-    ServiceKey, ServiceValue, AFFINITY_ENTRIES, REV_NAT_ENTRIES,
+    ServiceKey, ServiceValue, SockNat, AFFINITY_ENTRIES, REV_NAT_ENTRIES,
 };
 
 #[map(name = "services")]
@@ -28,8 +29,14 @@ pub static RR: Array<u64> = Array::pinned(1024, 0);
 #[map(name = "affinity")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(AFFINITY_ENTRIES, 0);
 
+/// Unconnected UDP sockets' reverse translations, per socket and backend.
 #[map(name = "rev_nat")]
 pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(REV_NAT_ENTRIES, 0);
+
+/// Connected sockets' reverse translation, on the socket itself. Socket storage must be defined with BTF, which
+/// has no pinning attribute here: the agent pins it by name.
+#[btf_map(name = "sock_nat")]
+pub static SOCK_NAT: SkStorage<SockNat> = SkStorage::new();
 
 /// What the programs did per service id, per CPU: no atomics and no cache line shared between CPUs.
 #[map(name = "counters")]

@@ -17,6 +17,10 @@ impl<'a> Addr<'a> {
         Self { ctx }
     }
 
+    pub fn ctx(&self) -> &'a SockAddrContext {
+        self.ctx
+    }
+
     fn raw(&self) -> *mut bpf_sock_addr {
         self.ctx.sock_addr
     }

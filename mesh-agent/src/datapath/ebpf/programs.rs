@@ -71,6 +71,8 @@ pub fn load(object: &[u8], pins: &PinDir, probe: &Probe, sizes: &Sizes, log_leve
     let mut loader = EbpfLoader::new();
     loader
         .default_map_pin_directory(pins.maps())
+        // Defined with BTF, which carries no pinning attribute from aya-ebpf: pinned by name here.
+        .map_pin_path(names::SOCK_NAT, pins.map(names::SOCK_NAT))
         .map_max_entries(names::SERVICES, sizes.max_services)
         .map_max_entries(names::RR, sizes.max_services)
         .map_max_entries(names::COUNTERS, sizes.max_services)
