@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::programs::CgroupSockAddr;
 
+use mesh_common::maps::names;
+
 use super::*;
 use crate::catalog::ServiceId;
 use crate::datapath::FrontendSpec;
@@ -136,9 +138,14 @@ fn adopts_pinned_state_and_detaches_on_shutdown() {
     assert_eq!(status.maps["services"], (3, 16));
     assert_eq!(status.maps["backends"].0, 2 + 1 + 3);
     assert_eq!(status.maps["maglev"].0, 1);
+    let maps = first.pin_dir().join("maps");
+    let map_ids = || names::ALL.map(|name| aya::maps::MapInfo::from_pin(maps.join(name)).unwrap().id());
+    let ids = map_ids();
     drop(first);
 
     let mut second = EbpfDatapath::start(&opts, &probe).unwrap();
+    // The very maps: socket storage included, so live sockets keep their reverse translation.
+    assert_eq!(map_ids(), ids);
     assert_eq!(second.status().frontends, 3, "{}", second.status().why);
     assert!(second.status().why.contains("adopted 3"));
     second.apply(&[Change::Upsert(tcp, spec(Strategy::RoundRobin, &[8080]))]).unwrap();
