@@ -424,6 +424,15 @@ fn programs(agent: &Agent) -> Vec<String> {
     status["programs"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect()
 }
 
+/// Entries in the pinned reverse-NAT LRU (unconnected UDP sockets' translations).
+fn rev_nat_entries(w: &World) -> usize {
+    let path = w.cg.pin_dir().join("maps").join(names::REV_NAT);
+    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let map: HashMap<MapData, RevNatKey, RevNatValue> =
+        aya::maps::Map::from_map_data(data).unwrap().try_into().unwrap();
+    map.keys().count()
+}
+
 #[test]
 fn datapath_status_reports_ebpf_programs_and_pins() {
     let test = "datapath_status_reports_ebpf_programs_and_pins";
@@ -557,9 +566,14 @@ fn getpeername_returns_the_vip() {
     if !require_feature(test, &agent, "getpeername") {
         return;
     }
-    let answers = w.get(4, None);
+    let answers = w.get(20, None);
     assert_eq!(count(&answers.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>()).len(), 2, "{answers:?}");
     assert!(answers.iter().all(|(_, peer)| peer == "10.250.0.10:80"), "getpeername: {answers:?}");
+    // Connected sockets (TCP here, connected UDP alike) keep their translation in socket storage, pinned like
+    // every map, and leave nothing in the LRU that unconnected UDP relies on: no amount of connection churn can
+    // evict a UDP socket's entry.
+    assert!(w.cg.pin_dir().join("maps").join(names::SOCK_NAT).exists(), "socket storage not pinned");
+    assert_eq!(rev_nat_entries(&w), 0, "connected sockets went to the LRU");
 }
 
 #[test]
@@ -576,46 +590,14 @@ fn udp_reaches_backends_and_replies_come_from_the_vip() {
     let names: Vec<&String> = replies.iter().map(|(b, _)| b).collect();
     assert_eq!(names.iter().collect::<BTreeSet<_>>().len(), 3, "{names:?}");
     assert!(names.iter().enumerate().all(|(i, b)| *b == names[i % 3]), "round robin per datagram: {names:?}");
+    // One entry per socket and backend in the LRU (the client's socket is gone, its entries wait for eviction).
+    assert_eq!(rev_nat_entries(&w), 3);
     // Connected: one backend for the socket, the VIP as its peer and as the replies' source.
     let (replies, peer) = w.udp(3, None, true);
+    assert_eq!(rev_nat_entries(&w), 3, "a connected socket went to the LRU");
     assert!(replies.iter().all(|(b, from)| *b == replies[0].0 && from == "10.250.0.10:53"), "{replies:?}");
     if require_feature(test, &agent, "getpeername") {
         assert_eq!(peer.as_deref(), Some("10.250.0.10:53"));
-    }
-}
-
-/// Entries in the pinned reverse-NAT LRU (unconnected UDP sockets' translations).
-fn rev_nat_entries(w: &World) -> usize {
-    let path = w.cg.pin_dir().join("maps").join(names::REV_NAT);
-    let data = MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let map: HashMap<MapData, RevNatKey, RevNatValue> =
-        aya::maps::Map::from_map_data(data).unwrap().try_into().unwrap();
-    map.keys().count()
-}
-
-#[test]
-fn connected_sockets_keep_their_translation_on_the_socket() {
-    let test = "connected_sockets_keep_their_translation_on_the_socket";
-    let Some(w) = World::new(test, 2) else { return };
-    let Some(agent) = w.agent(test, "RoundRobin", "", &catalog("web", VIP, &w.addrs(2))) else { return };
-    if !require_feature(test, &agent, "getpeername") {
-        return;
-    }
-    assert!(w.cg.pin_dir().join("maps").join(names::SOCK_NAT).exists(), "socket storage not pinned");
-    // TCP and a connected UDP socket: the VIP as peer, and nothing in the LRU that unconnected UDP relies on,
-    // so no amount of connection churn can evict a UDP socket's entry.
-    let answers = w.get(20, None);
-    assert!(answers.iter().all(|(_, peer)| peer == "10.250.0.10:80"), "getpeername: {answers:?}");
-    let udp = require_feature(test, &agent, "udp");
-    if udp {
-        assert_eq!(w.udp(3, None, true).1.as_deref(), Some("10.250.0.10:53"));
-    }
-    assert_eq!(rev_nat_entries(&w), 0, "connected sockets went to the LRU");
-    if udp {
-        // One unconnected socket, two datagrams, round robin over two backends: one entry per backend.
-        let (replies, _) = w.udp(2, None, false);
-        assert!(replies.iter().all(|(_, from)| from == "10.250.0.10:53"), "{replies:?}");
-        assert_eq!(rev_nat_entries(&w), 2);
     }
 }
 
