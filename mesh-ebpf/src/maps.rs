@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use mesh_common::maps::{
     AffinityKey, AffinityValue, Backend, BackendKey, FrontendCounters, MaglevKey, MaglevTable, RevNatKey, RevNatValue,
-    ServiceKey, ServiceValue, SockNat, AFFINITY_ENTRIES, REV_NAT_ENTRIES,
+    ServiceKey, ServiceValue, SockNat, TcpNat, AFFINITY_ENTRIES, REV_NAT_ENTRIES, TCP_NAT_SLOTS,
 };
 
 #[map(name = "services")]
@@ -33,7 +33,11 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned
 #[map(name = "rev_nat")]
 pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(REV_NAT_ENTRIES, 0);
 
-/// Connected sockets' reverse translation, on the socket itself. Socket storage must be defined with BTF, which
+/// TCP sockets' reverse translations, by socket cookie.
+#[map(name = "tcp_nat")]
+pub static TCP_NAT: Array<TcpNat> = Array::pinned(TCP_NAT_SLOTS, 0);
+
+/// Connected UDP sockets' reverse translation, on the socket itself. Socket storage must be defined with BTF, which
 /// has no pinning attribute here: the agent pins it by name.
 #[btf_map(name = "sock_nat")]
 pub static SOCK_NAT: SkStorage<SockNat> = SkStorage::new();

@@ -39,6 +39,11 @@ impl<'a> Addr<'a> {
         Some(ServiceKey { vip, port: port as u16, proto, _pad: 0 })
     }
 
+    pub fn is_tcp(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { (*self.raw()).protocol == PROTO_TCP as u32 }
+    }
+
     pub fn backend(&self) -> Backend {
         // SAFETY: as above.
         unsafe { Backend { addr: (*self.raw()).user_ip4, port: (*self.raw()).user_port as u16, _pad: 0 } }
