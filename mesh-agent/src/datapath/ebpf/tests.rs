@@ -144,7 +144,7 @@ fn adopts_pinned_state_and_detaches_on_shutdown() {
     drop(first);
 
     let mut second = EbpfDatapath::start(&opts, &probe).unwrap();
-    // The very maps: socket storage included, so live sockets keep their reverse translation.
+    // The very maps, the reverse-translation tables included, so live sockets keep showing the VIP.
     assert_eq!(map_ids(), ids);
     assert_eq!(second.status().frontends, 3, "{}", second.status().why);
     assert!(second.status().why.contains("adopted 3"));
