@@ -9,7 +9,7 @@
 
 use core::ptr::{addr_of_mut, write_volatile};
 
-use mesh_common::maps::{Backend, RevNatKey, RevNatValue, ServiceKey, SockNat, TCP_NAT_SLOTS};
+use mesh_common::maps::{Backend, RevNatKey, RevNatValue, ServiceKey, SockNat, PROTO_TCP, TCP_NAT_SLOTS};
 
 use crate::{
     maps::{REV_NAT, SOCK_NAT, TCP_NAT},
@@ -35,7 +35,7 @@ pub fn remember(addr: &Addr, backend: &Backend, frontend: &ServiceKey, per_datag
             // An LRU map makes room by itself; failure only means the replies show the backend.
             let _ = REV_NAT.insert(key, value, 0);
         }
-    } else if addr.is_tcp() {
+    } else if frontend.proto == PROTO_TCP {
         let cookie = addr.socket_cookie();
         let Some(entry) = TCP_NAT.get_ptr_mut(slot(cookie)) else { return };
         // SAFETY: an array value pointer, valid for this run. The cookie goes first, so a reader of the socket
