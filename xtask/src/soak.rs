@@ -24,8 +24,9 @@ use crate::bench::proxy::targets::{spawn_agent, start_backends, ADMIN, HTTP_PORT
 use crate::bench::tools::{self, Client};
 use crate::{cmd, setup};
 
-/// What the load needs (dig is not enough for a steady rate; dnsperf keeps one and counts what was lost).
-const PACKAGES: &[&str] = &["wrk", "nginx-light", "dnsperf", "iproute2", "curl"];
+/// What the load needs (dig is not enough for a steady rate; dnsperf keeps one and counts what was lost), and
+/// what the bench's backends run (nginx, and an iperf3 server the soak does not load).
+const PACKAGES: &[&str] = &["wrk", "nginx-light", "iperf3", "dnsperf", "iproute2", "curl"];
 /// The agent's default `dns.listen`.
 const DNS: &str = "169.254.96.16";
 /// DNS queries per second per agent: steady work for the DNS path without starving the HTTP load of the 2 CPUs.
