@@ -30,6 +30,8 @@ use support::netns::{Topology, BACKEND_IPS};
 use support::{require_root, wait_for};
 
 const VIP: &str = "10.250.0.10";
+/// The VIP as a dual-stack (IPv6) socket dials it.
+const MAPPED_VIP: &str = "::ffff:10.250.0.10";
 const NAMES: [&str; 3] = ["a", "b", "c"];
 /// Backends listen on this port for both TCP (HTTP) and UDP (echo): the catalog maps the service's TCP port 80
 /// and UDP port 53 to it, and the agent's health check connects over TCP to every backend address.
@@ -40,13 +42,20 @@ const BACKEND_PORT: u16 = 8080;
 const CLIENT: &str = r#"
 import json, os, socket, sys, time
 
+def family(vip):
+    # A mapped address (::ffff:a.b.c.d) is dialled from an IPv6 socket, as dual-stack clients (Java) do.
+    return socket.AF_INET6 if ":" in vip else socket.AF_INET
+
+def peer(addr):
+    return "%s:%d" % addr[:2]
+
 def get(vip, port, src=None):
-    s = socket.socket()
+    s = socket.socket(family(vip))
     s.settimeout(5)
     if src:
         s.bind((src, 0))
     s.connect((vip, port))
-    peer = s.getpeername()
+    name = peer(s.getpeername())
     s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     data = b""
     while True:
@@ -60,10 +69,10 @@ def get(vip, port, src=None):
             raise OSError("connection closed early: %r" % data)
         data += chunk
     s.close()
-    return body.decode(), "%s:%d" % peer
+    return body.decode(), name
 
 def udp(vip, port, n, src=None, connected=False):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(family(vip), socket.SOCK_DGRAM)
     s.settimeout(5)
     if src:
         s.bind((src, 0))
@@ -77,9 +86,8 @@ def udp(vip, port, n, src=None, connected=False):
         else:
             s.sendto(msg, (vip, port))
         data, frm = s.recvfrom(2048)
-        out.append([data.decode(), "%s:%d" % frm])
-    peer = "%s:%d" % s.getpeername() if connected else None
-    return {"replies": out, "peer": peer}
+        out.append([data.decode(), peer(frm)])
+    return {"replies": out, "peer": peer(s.getpeername()) if connected else None}
 
 mode, vip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 args = sys.argv[4:]
@@ -91,7 +99,7 @@ elif mode == "udp":
     print(json.dumps(udp(vip, port, n, src, connected=len(args) > 2)))
 elif mode == "connect-error":
     kind = socket.SOCK_STREAM if args[0] == "tcp" else socket.SOCK_DGRAM
-    s = socket.socket(socket.AF_INET, kind)
+    s = socket.socket(family(vip), kind)
     s.settimeout(10)
     try:
         if args[0] == "udp-sendto":
@@ -136,6 +144,8 @@ fn skip(test: &str, why: &str) {
 /// Field order is drop order: backends, then the cgroup (after the agent, which the test declares later), then
 /// the namespaces.
 struct World {
+    /// What the clients dial: [`VIP`] from IPv4 sockets, or [`MAPPED_VIP`] from IPv6 sockets.
+    dial: &'static str,
     http: Vec<HttpBackend>,
     _udp: Vec<UdpEcho>,
     cg: Cgroup,
@@ -152,7 +162,7 @@ impl World {
         let cg = Cgroup::new("ebpf");
         let http = (0..backends).map(|i| HttpBackend::start(&t.backends, NAMES[i], backend_addr(i))).collect();
         let udp = (0..backends).map(|i| UdpEcho::start(&t.backends, NAMES[i], backend_addr(i))).collect();
-        Some(Self { http, _udp: udp, cg, t })
+        Some(Self { dial: VIP, http, _udp: udp, cg, t })
     }
 
     fn addrs(&self, n: usize) -> Vec<SocketAddr> {
@@ -212,7 +222,7 @@ impl World {
     /// `n` HTTP GETs to VIP:80, each over a new connection (bound to `src` when set): (backend, peer) per GET.
     fn get(&self, n: usize, src: Option<&str>) -> Vec<(String, String)> {
         let n = n.to_string();
-        let mut args = vec!["http", VIP, "80", &n];
+        let mut args = vec!["http", self.dial, "80", &n];
         args.extend(src);
         let answers = self.client(&args);
         let answers = answers.as_array().expect("a list of answers");
@@ -228,7 +238,7 @@ impl World {
     /// (backend, reply source) per datagram, and the socket's peer when connected.
     fn udp(&self, n: usize, src: Option<&str>, connected: bool) -> (Vec<(String, String)>, Option<String>) {
         let n = n.to_string();
-        let mut args = vec!["udp", VIP, "53", &n, src.unwrap_or("")];
+        let mut args = vec!["udp", self.dial, "53", &n, src.unwrap_or("")];
         if connected {
             args.push("connected");
         }
@@ -246,7 +256,7 @@ impl World {
     /// a timeout.
     fn connect_errno(&self, kind: &str, port: u16, outside: bool) -> (i64, String) {
         let port = port.to_string();
-        let args = ["connect-error", VIP, &port, kind];
+        let args = ["connect-error", self.dial, &port, kind];
         let out = if outside { self.outside_client(&args) } else { self.client(&args) };
         (out["errno"].as_i64().unwrap(), out["error"].as_str().unwrap().to_owned())
     }
@@ -351,9 +361,12 @@ fn attached(cgroup: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for (name, attach_type) in [
         ("cgroup_inet4_connect", 10),
+        ("cgroup_inet6_connect", 11),
         ("cgroup_udp4_sendmsg", 14),
         ("cgroup_udp4_recvmsg", 19),
+        ("cgroup_udp6_recvmsg", 20),
         ("cgroup_inet4_getpeername", 29),
+        ("cgroup_inet6_getpeername", 30),
     ] {
         let mut q = Query {
             target_fd: std::os::fd::AsRawFd::as_raw_fd(&dir) as u32,
@@ -371,6 +384,12 @@ fn attached(cgroup: &Path) -> Vec<String> {
         out.extend((0..q.prog_cnt).map(|_| name.to_owned()));
     }
     out
+}
+
+/// What the programs counted (`connects`, `datagrams`, `refused`) for a frontend of service default/web.
+fn kernel_count(agent: &Agent, name: &str, frontend: &str) -> u64 {
+    let series = format!("mesh_agent_ebpf_{name}_total{{service=\"default/web\",frontend=\"{frontend}\"}}");
+    agent.metric(&series).unwrap_or_else(|| panic!("no {series}:\n{}", agent.get("/metrics").unwrap().1))
 }
 
 fn with_affinity(catalog: &str) -> String {
@@ -393,9 +412,12 @@ const ENETUNREACH: i64 = 101;
 fn attach_type(program: &str) -> &'static str {
     match program.trim_end_matches("_compat") {
         "connect4" => "cgroup_inet4_connect",
+        "connect6" => "cgroup_inet6_connect",
         "sendmsg4" => "cgroup_udp4_sendmsg",
         "recvmsg4" => "cgroup_udp4_recvmsg",
+        "recvmsg6" => "cgroup_udp6_recvmsg",
         "getpeername4" => "cgroup_inet4_getpeername",
+        "getpeername6" => "cgroup_inet6_getpeername",
         other => panic!("unknown program {other}"),
     }
 }
@@ -599,6 +621,43 @@ fn udp_reaches_backends_and_replies_come_from_the_vip() {
     }
 }
 
+/// Dual-stack clients (an IPv6 socket dialling `::ffff:VIP`, as Java's do by default) are served in the kernel
+/// like IPv4 ones: connect6 translates, getpeername6 and recvmsg6 show the mapped VIP, and their datagrams pass
+/// sendmsg4. Nothing listens on the VIP, so every answer proves a translation.
+#[test]
+fn ipv6_sockets_reach_ipv4_services_through_mapped_addresses() {
+    let test = "ipv6_sockets_reach_ipv4_services_through_mapped_addresses";
+    let Some(mut w) = World::new(test, 3) else { return };
+    let Some(agent) = w.agent(test, "RoundRobin", "", &catalog("web", VIP, &w.addrs(3))) else { return };
+    if !require_feature(test, &agent, "getpeername") || !require_feature(test, &agent, "udp") {
+        return;
+    }
+    w.dial = MAPPED_VIP;
+    let answers = w.get(6, None);
+    let backends: Vec<&String> = answers.iter().map(|(b, _)| b).collect();
+    assert_eq!(backends.iter().collect::<BTreeSet<_>>().len(), 3, "{answers:?}");
+    assert!(backends.iter().enumerate().all(|(i, b)| *b == backends[i % 3]), "round robin: {answers:?}");
+    assert!(answers.iter().all(|(_, peer)| peer == "::ffff:10.250.0.10:80"), "getpeername: {answers:?}");
+
+    let (replies, _) = w.udp(3, None, false);
+    assert_eq!(replies.iter().map(|(b, _)| b).collect::<BTreeSet<_>>().len(), 3, "{replies:?}");
+    assert!(replies.iter().all(|(_, from)| from == "::ffff:10.250.0.10:53"), "recvfrom: {replies:?}");
+    let (replies, peer) = w.udp(3, None, true);
+    assert!(replies.iter().all(|(b, from)| *b == replies[0].0 && from == "::ffff:10.250.0.10:53"), "{replies:?}");
+    assert_eq!(peer.as_deref(), Some("::ffff:10.250.0.10:53"));
+
+    // Without endpoints the program refuses the connect, as for an IPv4 socket (the kernel's counters tell it
+    // from a reset by edge0, where nothing listens).
+    agent.write_catalog(&catalog("web", VIP, &[]));
+    let emptied =
+        wait_for(Duration::from_secs(10), || agent.services()[0]["endpoints"].as_array()?.is_empty().then_some(()));
+    assert!(emptied.is_some(), "endpoints not removed: {}", agent.services());
+    let (errno, error) = w.connect_errno("tcp", 80, false);
+    assert!([ECONNREFUSED, EPERM].contains(&errno), "connect: {error}");
+    let tcp = "10.250.0.10:80/TCP";
+    assert_eq!([kernel_count(&agent, "connects", tcp), kernel_count(&agent, "refused", tcp)], [6, 1]);
+}
+
 #[test]
 fn metrics_count_connects_datagrams_and_refusals_per_frontend() {
     let test = "metrics_count_connects_datagrams_and_refusals_per_frontend";
@@ -620,10 +679,7 @@ fn metrics_count_connects_datagrams_and_refusals_per_frontend() {
         assert_ne!(w.connect_errno("udp", 53, false).0, 0);
         assert_ne!(w.connect_errno("udp-sendto", 53, false).0, 0);
     }
-    let series = |name: &str, frontend: &str| {
-        let series = format!("mesh_agent_ebpf_{name}_total{{service=\"default/web\",frontend=\"{frontend}\"}}");
-        agent.metric(&series).unwrap_or_else(|| panic!("no {series}:\n{}", agent.get("/metrics").unwrap().1))
-    };
+    let series = |name: &str, frontend: &str| kernel_count(&agent, name, frontend);
     let tcp = "10.250.0.10:80/TCP";
     assert_eq!([series("connects", tcp), series("datagrams", tcp), series("refused", tcp)], [5, 0, 1]);
     if udp {

@@ -13,7 +13,7 @@ use mesh_common::maps::{Backend, RevNatKey, RevNatValue, ServiceKey, SockNat, PR
 
 use crate::{
     maps::{REV_NAT, SOCK_NAT, TCP_NAT},
-    sock::Addr,
+    sock::{Addr, Family},
 };
 
 fn key(cookie: u64, backend: &Backend) -> RevNatKey {
@@ -26,7 +26,7 @@ fn slot(cookie: u64) -> u32 {
 
 /// Remembers that this socket's `backend` stands for `frontend`. `per_datagram` (sendmsg) looks first, so a UDP
 /// socket sending many datagrams to one backend does not rewrite its entry each time.
-pub fn remember(addr: &Addr, backend: &Backend, frontend: &ServiceKey, per_datagram: bool) {
+pub fn remember<F: Family>(addr: &Addr<F>, backend: &Backend, frontend: &ServiceKey, per_datagram: bool) {
     let value = RevNatValue { vip: frontend.vip, port: frontend.port, _pad: 0 };
     if per_datagram {
         let key = key(addr.socket_cookie(), backend);
@@ -55,8 +55,8 @@ pub fn remember(addr: &Addr, backend: &Backend, frontend: &ServiceKey, per_datag
 }
 
 /// Shows the VIP instead of the backend this socket talks to, if we translated it.
-pub fn restore(addr: &Addr) {
-    let peer = addr.backend();
+pub fn restore<F: Family>(addr: &Addr<F>) {
+    let Some(peer) = addr.backend() else { return };
     let frontend = if addr.is_tcp() {
         let cookie = addr.socket_cookie();
         TCP_NAT.get(slot(cookie)).copied().filter(|e| e.cookie == cookie && e.backend == peer).map(|e| e.frontend)

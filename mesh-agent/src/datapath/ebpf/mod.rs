@@ -114,8 +114,8 @@ impl EbpfDatapath {
     pub fn handles(&self, f: &Frontend) -> bool {
         f.vip.is_ipv4()
             && match f.protocol {
-                Protocol::Tcp => self.attached(Hook::Connect4),
-                Protocol::Udp => [Hook::Connect4, Hook::Sendmsg4, Hook::Recvmsg4].iter().all(|h| self.attached(*h)),
+                Protocol::Tcp => self.all_attached(&Hook::TCP),
+                Protocol::Udp => self.all_attached(&Hook::TCP) && self.all_attached(&Hook::UDP),
             }
     }
 
@@ -150,31 +150,37 @@ impl EbpfDatapath {
         self.pins.root()
     }
 
-    fn attached(&self, hook: Hook) -> bool {
-        self.attachments.iter().any(|a| a.hook == hook && a.program.is_ok())
+    fn all_attached(&self, hooks: &[Hook]) -> bool {
+        hooks.iter().all(|hook| self.attachments.iter().any(|a| a.hook == *hook && a.program.is_ok()))
     }
 
     fn features(&self) -> Vec<FeatureStatus> {
-        let hook_why = |hook: Hook| match self.attachments.iter().find(|a| a.hook == hook).map(|a| &a.program) {
-            Some(Ok(program)) => format!("{program} attached"),
-            Some(Err(why)) => why.clone(),
-            None => "not attached".into(),
-        };
-        let feature = |name: &str, ebpf: bool, why: String| FeatureStatus {
+        let status = |name: &str, ebpf: bool, why: String| FeatureStatus {
             feature: name.into(),
             implementation: if ebpf { "ebpf" } else { "userspace" }.into(),
             why,
         };
-        let udp_hooks = [Hook::Connect4, Hook::Sendmsg4, Hook::Recvmsg4];
-        let udp = udp_hooks.iter().all(|h| self.attached(*h));
-        let udp_why = udp_hooks.iter().map(|h| format!("{}: {}", h.name(), hook_why(*h))).collect::<Vec<_>>();
+        let hook_why = |hook: &Hook| match self.attachments.iter().find(|a| a.hook == *hook).map(|a| &a.program) {
+            Some(Ok(program)) => format!("{}: {program} attached", hook.name()),
+            Some(Err(why)) => format!("{}: {why}", hook.name()),
+            None => format!("{}: not attached", hook.name()),
+        };
+        let hooks = |name: &str, hooks: &[Hook]| {
+            status(name, self.all_attached(hooks), hooks.iter().map(hook_why).collect::<Vec<_>>().join("; "))
+        };
         vec![
-            feature("tcp", self.attached(Hook::Connect4), hook_why(Hook::Connect4)),
-            feature("udp", udp, udp_why.join("; ")),
-            feature("getpeername", self.attached(Hook::Getpeername4), hook_why(Hook::Getpeername4)),
-            feature("ipv6", false, "no connect6/sendmsg6 programs yet".into()),
-            feature("roundRobin", true, self.probe.atomic_fetch.why.clone()),
-            feature("refuse", true, self.probe.set_retval.why.clone()),
+            hooks("tcp", &Hook::TCP),
+            hooks("udp", &[&Hook::TCP[..], &Hook::UDP].concat()),
+            hooks("getpeername", &Hook::GETPEERNAME),
+            status(
+                "ipv6",
+                false,
+                "IPv6 VIPs go to the userspace proxy (no IPv6 service tables in the kernel yet); IPv4 VIPs reached \
+                 from IPv6 sockets (::ffff:VIP) are served by connect6/recvmsg6/getpeername6"
+                    .into(),
+            ),
+            status("roundRobin", true, self.probe.atomic_fetch.why.clone()),
+            status("refuse", true, self.probe.set_retval.why.clone()),
         ]
     }
 }

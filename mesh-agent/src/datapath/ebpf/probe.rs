@@ -27,12 +27,16 @@ pub struct Probe {
     pub ringbuf: Feature,
     /// TCP and connected UDP.
     pub connect4: Feature,
-    /// Unconnected UDP.
+    /// The same from IPv6 sockets to mapped addresses (`::ffff:VIP`).
+    pub connect6: Feature,
+    /// Unconnected UDP (also from IPv6 sockets: the kernel sends datagrams to mapped addresses as IPv4).
     pub sendmsg4: Feature,
     /// UDP replies appear to come from the VIP.
     pub recvmsg4: Feature,
+    pub recvmsg6: Feature,
     /// getpeername() returns the VIP.
     pub getpeername4: Feature,
+    pub getpeername6: Feature,
     /// Atomic fetch-and-add (5.12): exact round robin under concurrent connects.
     pub atomic_fetch: Feature,
     /// bpf_set_retval in connect hooks (5.18): a refused connect() fails with ECONNREFUSED, not EPERM.
@@ -42,10 +46,15 @@ pub struct Probe {
 impl Probe {
     /// Why the eBPF data path cannot start at all, if it cannot.
     pub fn blocker(&self) -> Option<String> {
-        [("bpf()", &self.bpf), ("ring buffers", &self.ringbuf), ("cgroup/connect4", &self.connect4)]
-            .into_iter()
-            .find(|(_, f)| !f.available)
-            .map(|(name, f)| format!("{name} unavailable: {}", f.why))
+        [
+            ("bpf()", &self.bpf),
+            ("ring buffers", &self.ringbuf),
+            ("cgroup/connect4", &self.connect4),
+            ("cgroup/connect6", &self.connect6),
+        ]
+        .into_iter()
+        .find(|(_, f)| !f.available)
+        .map(|(name, f)| format!("{name} unavailable: {}", f.why))
     }
 }
 
@@ -80,9 +89,12 @@ pub fn probe() -> Probe {
         Err(e) => no(format!("cgroup/{name} programs do not load ({e}); the hook needs kernel {since}")),
     };
     let connect4 = hook(ATTACH_CONNECT4, "connect4", "4.17");
+    let connect6 = hook(ATTACH_CONNECT6, "connect6", "4.17");
     let sendmsg4 = hook(ATTACH_SENDMSG4, "sendmsg4", "4.18");
     let recvmsg4 = hook(ATTACH_RECVMSG4, "recvmsg4", "5.2");
+    let recvmsg6 = hook(ATTACH_RECVMSG6, "recvmsg6", "5.2");
     let getpeername4 = hook(ATTACH_GETPEERNAME4, "getpeername4", "5.8");
+    let getpeername6 = hook(ATTACH_GETPEERNAME6, "getpeername6", "5.8");
     // *(u64 *)(r10 - 8) = 0; r2 = 1; r2 = atomic_fetch_add((u64 *)(r10 - 8), r2)
     let fetch_add = [mov(1, 0), stx_dw(10, 1, -8), mov(2, 1), insn(0xdb, 10, 2, -8, BPF_ADD | BPF_FETCH)];
     let atomic_fetch = match load(ATTACH_CONNECT4, &[&fetch_add[..], &[mov(0, 1), EXIT]].concat()) {
@@ -100,7 +112,21 @@ pub fn probe() -> Probe {
              fails with EPERM"
             )),
         };
-    Probe { kernel, bpf, btf, ringbuf, connect4, sendmsg4, recvmsg4, getpeername4, atomic_fetch, set_retval }
+    Probe {
+        kernel,
+        bpf,
+        btf,
+        ringbuf,
+        connect4,
+        connect6,
+        sendmsg4,
+        recvmsg4,
+        recvmsg6,
+        getpeername4,
+        getpeername6,
+        atomic_fetch,
+        set_retval,
+    }
 }
 
 /// Before 5.11 BPF memory counts against RLIMIT_MEMLOCK, where pinned maps of a previous agent already use up
@@ -125,9 +151,12 @@ fn no(why: impl Into<String>) -> Feature {
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const ATTACH_CONNECT4: u32 = 10;
+const ATTACH_CONNECT6: u32 = 11;
 const ATTACH_SENDMSG4: u32 = 14;
 const ATTACH_RECVMSG4: u32 = 19;
+const ATTACH_RECVMSG6: u32 = 20;
 const ATTACH_GETPEERNAME4: u32 = 29;
+const ATTACH_GETPEERNAME6: u32 = 30;
 const BPF_FUNC_SET_RETVAL: i32 = 187;
 const BPF_ADD: i32 = 0x00;
 const BPF_FETCH: i32 = 0x01;
@@ -227,10 +256,11 @@ mod tests {
             eprintln!("skipped: {}", p.bpf.why);
             return;
         }
-        assert!(p.connect4.available, "{}", p.connect4.why);
-        // A kernel with getpeername4 (5.8) has all the older hooks.
+        assert!(p.connect4.available && p.connect6.available, "{p:?}");
+        // A kernel with getpeername4 (5.8) has all the older hooks, and each IPv4 hook came with its IPv6 twin.
         if p.getpeername4.available {
             assert!(p.sendmsg4.available && p.recvmsg4.available, "{p:?}");
         }
+        assert_eq!((p.recvmsg6.available, p.getpeername6.available), (p.recvmsg4.available, p.getpeername4.available));
     }
 }

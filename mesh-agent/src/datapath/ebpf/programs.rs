@@ -18,25 +18,47 @@ use mesh_common::maps::names;
 use super::pins::PinDir;
 use super::probe::{Feature, Probe};
 
-/// A cgroup sock_addr hook we attach.
+/// A cgroup sock_addr hook we attach. The IPv6 hooks serve dual-stack sockets reaching IPv4 services through
+/// mapped addresses (`::ffff:VIP`); their unconnected datagrams pass sendmsg4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
     Connect4,
+    Connect6,
     Sendmsg4,
     Recvmsg4,
+    Recvmsg6,
     Getpeername4,
+    Getpeername6,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 4] = [Hook::Connect4, Hook::Sendmsg4, Hook::Recvmsg4, Hook::Getpeername4];
+    pub const ALL: [Hook; 7] = [
+        Hook::Connect4,
+        Hook::Connect6,
+        Hook::Sendmsg4,
+        Hook::Recvmsg4,
+        Hook::Recvmsg6,
+        Hook::Getpeername4,
+        Hook::Getpeername6,
+    ];
+
+    /// What TCP needs: without them the data path cannot start.
+    pub const TCP: [Hook; 2] = [Hook::Connect4, Hook::Connect6];
+    /// What UDP needs besides [`Hook::TCP`]: without them UDP frontends go to the userspace proxy.
+    pub const UDP: [Hook; 3] = [Hook::Sendmsg4, Hook::Recvmsg4, Hook::Recvmsg6];
+    /// getpeername() returning the VIP.
+    pub const GETPEERNAME: [Hook; 2] = [Hook::Getpeername4, Hook::Getpeername6];
 
     /// The attach point's name, also the link's pin name.
     pub fn name(self) -> &'static str {
         match self {
             Hook::Connect4 => "connect4",
+            Hook::Connect6 => "connect6",
             Hook::Sendmsg4 => "sendmsg4",
             Hook::Recvmsg4 => "recvmsg4",
+            Hook::Recvmsg6 => "recvmsg6",
             Hook::Getpeername4 => "getpeername4",
+            Hook::Getpeername6 => "getpeername6",
         }
     }
 
@@ -44,6 +66,7 @@ impl Hook {
     fn program(self, probe: &Probe) -> &'static str {
         match (self, probe.atomic_fetch.available) {
             (Hook::Connect4, false) => "connect4_compat",
+            (Hook::Connect6, false) => "connect6_compat",
             (Hook::Sendmsg4, false) => "sendmsg4_compat",
             _ => self.name(),
         }
@@ -52,9 +75,12 @@ impl Hook {
     fn feature(self, probe: &Probe) -> &Feature {
         match self {
             Hook::Connect4 => &probe.connect4,
+            Hook::Connect6 => &probe.connect6,
             Hook::Sendmsg4 => &probe.sendmsg4,
             Hook::Recvmsg4 => &probe.recvmsg4,
+            Hook::Recvmsg6 => &probe.recvmsg6,
             Hook::Getpeername4 => &probe.getpeername4,
+            Hook::Getpeername6 => &probe.getpeername6,
         }
     }
 }
@@ -92,8 +118,8 @@ pub struct Attachment {
     link: Option<PinnedLink>,
 }
 
-/// Attaches every hook the kernel has. connect4 is required; another hook that fails is reported and left
-/// to the userspace path.
+/// Attaches every hook the kernel has. The connect hooks are required; another hook that fails is reported
+/// and left to the userspace path.
 pub fn attach(ebpf: &mut Ebpf, probe: &Probe, cgroup: &Path, pins: &PinDir) -> anyhow::Result<Vec<Attachment>> {
     let cgroup_dir = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
     let mut attachments = Vec::new();
@@ -106,8 +132,8 @@ pub fn attach(ebpf: &mut Ebpf, probe: &Probe, cgroup: &Path, pins: &PinDir) -> a
         };
         match result {
             Ok(link) => attachments.push(Attachment { hook, program: Ok(hook.program(probe)), link: Some(link) }),
-            Err(e) if hook == Hook::Connect4 => {
-                return Err(e.context(format!("attaching cgroup/connect4 to {}", cgroup.display())))
+            Err(e) if Hook::TCP.contains(&hook) => {
+                return Err(e.context(format!("attaching cgroup/{} to {}", hook.name(), cgroup.display())))
             }
             Err(e) => {
                 // Nothing may run that the status does not show: drop a predecessor's link for this hook.

@@ -93,9 +93,17 @@ fn every_program_verifies() {
     let cgroup = ChildCgroup::new();
     let pins = PinDir::create(&options(&cgroup).pin_dir).unwrap();
     let sizes = Sizes { max_services: 4, max_backends: 4 };
-    let mut names = vec!["connect4_compat", "sendmsg4_compat", "recvmsg4", "getpeername4"];
+    let mut names = vec![
+        "connect4_compat",
+        "connect6_compat",
+        "sendmsg4_compat",
+        "recvmsg4",
+        "recvmsg6",
+        "getpeername4",
+        "getpeername6",
+    ];
     if probe.atomic_fetch.available {
-        names.extend(["connect4", "sendmsg4"]);
+        names.extend(["connect4", "connect6", "sendmsg4"]);
     }
     for set_retval in [false, true].into_iter().filter(|s| !s || probe.set_retval.available) {
         let probe = Probe { set_retval: Feature { available: set_retval, why: String::new() }, ..probe.clone() };
