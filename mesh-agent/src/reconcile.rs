@@ -72,6 +72,8 @@ impl Reconciler {
         let mut current = catalogs.borrow_and_update().clone();
         self.apply(&current).await;
         let mut unhealthy = self.health.unhealthy();
+        // A closed verdict channel (checks disabled) would resolve `changed()` at once forever: stop polling it.
+        let mut health_open = true;
         let mut tick = tokio::time::interval(DEVICE_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -83,7 +85,10 @@ impl Reconciler {
                     current = catalogs.borrow_and_update().clone();
                     self.apply(&current).await;
                 }
-                _ = unhealthy.changed() => self.apply(&current).await,
+                changed = unhealthy.changed(), if health_open => match changed {
+                    Ok(()) => self.apply(&current).await,
+                    Err(_) => health_open = false,
+                },
                 _ = tick.tick() => {
                     self.view.set_frontend_stats(self.datapath.frontend_stats());
                     self.check_device(&current).await;

@@ -71,6 +71,24 @@ fn curl_reaches_the_service() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "a");
 }
 
+/// With health checks off nothing changes unless the catalog does: the agent applies its catalog once and then
+/// rests (it once re-applied in a loop, at 60% of a CPU, when the checker's channel was closed).
+#[test]
+fn health_checks_off_apply_once_and_rest() {
+    if !require_root("health_checks_off_apply_once_and_rest") {
+        return;
+    }
+    let t = Topology::new();
+    let (_backends, [a]) = http_backends(&t, ["a"]);
+    let options = Options { extra: "health: {enable: false}", ..Options::default() };
+    let agent = Agent::start(&t.node, &options, &catalog("web", VIP, &[a]));
+    assert_eq!(get_many(&t, vip(80), 2), ["a", "a"]);
+    let applies = || agent.metric("mesh_agent_catalog_applies_total").expect("catalog_applies metric");
+    let before = applies();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(applies(), before, "applies without a catalog change");
+}
+
 #[test]
 fn removed_endpoint_stops_receiving_within_a_second() {
     if !require_root("removed_endpoint_stops_receiving_within_a_second") {
