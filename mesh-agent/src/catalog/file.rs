@@ -113,12 +113,18 @@ pub fn spawn(paths: Vec<PathBuf>, state: Arc<SourceState>) -> watch::Receiver<Ar
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                event = next(&mut wake) => {
-                    if let Some(Err(e)) = event {
+                event = next(&mut wake) => match event {
+                    Some(Ok(())) => {}
+                    // A failed or ended stream would wake this loop at once forever: the poll carries on alone.
+                    Some(Err(e)) => {
                         debug!(error = %e, "inotify failed, polling only");
                         wake = None;
                     }
-                }
+                    None => {
+                        debug!("inotify stream ended, polling only");
+                        wake = None;
+                    }
+                },
             }
             if let Some(catalog) = rebuild(&mut files, &state) {
                 if tx.send(Arc::new(catalog)).is_err() {
