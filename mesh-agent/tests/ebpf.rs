@@ -532,7 +532,7 @@ fn random_reaches_every_backend_over_tcp_and_udp() {
 #[test]
 fn consistent_hash_is_stable_per_client_and_matches_the_agents_table() {
     let test = "consistent_hash_is_stable_per_client_and_matches_the_agents_table";
-    let Some(w) = World::new(test, 3) else { return };
+    let Some(mut w) = World::new(test, 3) else { return };
     let Some(agent) = w.agent(test, "ConsistentHash", "", &catalog("web", VIP, &w.addrs(3))) else { return };
     let udp = require_feature(test, &agent, "udp");
     // Clients told apart by their bound source address, as the userspace path tells them apart.
@@ -541,8 +541,9 @@ fn consistent_hash_is_stable_per_client_and_matches_the_agents_table() {
         w.t.node.ip(&["addr", "add", &format!("{src}/32"), "dev", "veth-n"]);
     }
     let policy = Policy { strategy: Strategy::ConsistentHash, affinity: None };
-    let agents_table = Balancer::new(policy, Arc::from(w.addrs(3)));
-    let name_of = |addr: SocketAddr| NAMES[w.addrs(3).iter().position(|a| *a == addr).unwrap()];
+    let addrs = w.addrs(3);
+    let agents_table = Balancer::new(policy, Arc::from(addrs.clone()));
+    let name_of = |addr: SocketAddr| NAMES[addrs.iter().position(|a| *a == addr).unwrap()];
     let mut chosen = BTreeSet::new();
     for src in &sources {
         let want = name_of(agents_table.pick(src.parse::<IpAddr>().unwrap()).unwrap());
@@ -552,6 +553,11 @@ fn consistent_hash_is_stable_per_client_and_matches_the_agents_table() {
             let (replies, _) = w.udp(5, Some(src), false);
             assert!(replies.iter().all(|(b, _)| b == want), "UDP client {src}: {replies:?}, want {want}");
         }
+        // The same address from a dual-stack socket (bound to ::ffff:src, dialling ::ffff:VIP) is the same client.
+        w.dial = MAPPED_VIP;
+        let mapped = w.http(3, Some(&format!("::ffff:{src}")));
+        w.dial = VIP;
+        assert!(mapped.iter().all(|a| a == want), "dual-stack client {src}: {mapped:?}, want {want}");
         chosen.insert(want);
     }
     assert!(chosen.len() > 1, "the test's clients all hash to one backend: pick other addresses");
