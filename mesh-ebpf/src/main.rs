@@ -110,8 +110,9 @@ fn restore<F: Family>(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// VIP:port → a backend. `msg_src` is sendmsg's explicit source address (0 when unset), `None` for connect. Inlined: across a BPF call
-/// an `Option` travels in two registers, and for `None` the verifier rejects the payload's as never written.
+/// VIP:port → a backend. `msg_src` is sendmsg's explicit source address (0 when unset), `None` for connect.
+/// Inlined: across a BPF call an `Option` travels in two registers, and for `None` the verifier rejects the
+/// payload's as never written.
 #[inline(always)]
 fn translate<const EXACT_RR: bool, F: Family>(ctx: &SockAddrContext, msg_src: Option<u32>) -> Result<(), NoBackend> {
     let addr = Addr::<F>::new(ctx);

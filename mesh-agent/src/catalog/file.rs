@@ -116,12 +116,8 @@ pub fn spawn(paths: Vec<PathBuf>, state: Arc<SourceState>) -> watch::Receiver<Ar
                 event = next(&mut wake) => match event {
                     Some(Ok(())) => {}
                     // A failed or ended stream would wake this loop at once forever: the poll carries on alone.
-                    Some(Err(e)) => {
-                        debug!(error = %e, "inotify failed, polling only");
-                        wake = None;
-                    }
-                    None => {
-                        debug!("inotify stream ended, polling only");
+                    stopped => {
+                        debug!(error = ?stopped.and_then(Result::err), "inotify stopped, polling only");
                         wake = None;
                     }
                 },

@@ -115,7 +115,7 @@ impl EbpfDatapath {
         f.vip.is_ipv4()
             && match f.protocol {
                 Protocol::Tcp => self.all_attached(&Hook::TCP),
-                Protocol::Udp => self.all_attached(&Hook::TCP) && self.all_attached(&Hook::UDP),
+                Protocol::Udp => self.all_attached(&Hook::UDP),
             }
     }
 
@@ -170,7 +170,7 @@ impl EbpfDatapath {
         };
         vec![
             hooks("tcp", &Hook::TCP),
-            hooks("udp", &[&Hook::TCP[..], &Hook::UDP].concat()),
+            hooks("udp", &Hook::UDP),
             hooks("getpeername", &Hook::GETPEERNAME),
             status(
                 "ipv6",

@@ -44,8 +44,8 @@ impl Hook {
 
     /// What TCP needs: without them the data path cannot start.
     pub const TCP: [Hook; 2] = [Hook::Connect4, Hook::Connect6];
-    /// What UDP needs besides [`Hook::TCP`]: without them UDP frontends go to the userspace proxy.
-    pub const UDP: [Hook; 3] = [Hook::Sendmsg4, Hook::Recvmsg4, Hook::Recvmsg6];
+    /// What UDP needs: without them UDP frontends go to the userspace proxy.
+    pub const UDP: [Hook; 5] = [Hook::Connect4, Hook::Connect6, Hook::Sendmsg4, Hook::Recvmsg4, Hook::Recvmsg6];
     /// getpeername() returning the VIP.
     pub const GETPEERNAME: [Hook; 2] = [Hook::Getpeername4, Hook::Getpeername6];
 
