@@ -280,6 +280,46 @@ async fn tcp_small_exchanges_are_copied_without_pipes() {
     assert_eq!(dp.spawner.pipes.idle(), 0);
 }
 
+/// When a backend's last bytes and its FIN reach the proxy together, the client gets them together too: one segment
+/// carrying both, not the data and then a FIN of its own (what a backend closing after its response, HTTP's
+/// `Connection: close`, costs per connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_last_bytes_and_fin_reach_the_client_in_one_segment() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            // MSG_MORE holds the bytes until the shutdown adds the FIN: they leave as one segment.
+            let conn = socket2::Socket::from(conn.unwrap());
+            conn.send_with_flags(b"goodbye", libc::MSG_MORE).unwrap();
+            conn.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+    });
+    let mut dp = UserspaceDatapath::new();
+    let fe = frontend(13, Protocol::Tcp);
+    upsert(&mut dp, fe, &[backend]);
+    let mut client = TcpStream::connect(addr(fe)).await.unwrap();
+    let mut answer = String::new();
+    bounded("answer", client.read_to_string(&mut answer)).await.unwrap();
+    assert_eq!(answer, "goodbye");
+    // The SYN-ACK, then the bytes with the FIN.
+    assert_eq!(segments_received(&client), 2);
+}
+
+/// Segments `stream` has received so far (TCP_INFO).
+fn segments_received(stream: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers, valid when zeroed.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes and `len` holds the size of `info`.
+    let rc = unsafe {
+        libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
+    info.tcpi_segs_in
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_thousand_concurrent_connections_complete() {
     const N: usize = 1000;
