@@ -12,6 +12,7 @@ mod tcp;
 #[cfg(test)]
 mod tests;
 mod udp;
+mod workers;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -31,6 +32,7 @@ use crate::catalog::{Protocol, ServiceId};
 use crate::lb::Balancer;
 use splice::PipePool;
 use stats::{Counters, Selections};
+use workers::Workers;
 
 pub use stats::{BackendStats, FrontendStats};
 
@@ -45,14 +47,16 @@ pub struct UserspaceDatapath {
 }
 
 impl UserspaceDatapath {
-    /// Must be called inside a tokio runtime: listeners and their tasks live on it.
-    pub fn new() -> Self {
+    /// Must be called inside a tokio runtime: UDP sockets and their tasks live on it, TCP on the proxy's own
+    /// threads ([`Workers`]), which this starts.
+    pub fn new() -> io::Result<Self> {
         Self::with_udp_idle_timeout(udp::IDLE_TIMEOUT)
     }
 
-    fn with_udp_idle_timeout(udp_idle: Duration) -> Self {
-        let spawner = Spawner { runtime: Handle::current(), pipes: Arc::default(), udp_idle };
-        Self { spawner, frontends: BTreeMap::new(), failures: None, sources: None }
+    fn with_udp_idle_timeout(udp_idle: Duration) -> io::Result<Self> {
+        let workers = Workers::per_cpu()?;
+        let spawner = Spawner { runtime: Handle::current(), workers, pipes: Arc::default(), udp_idle };
+        Ok(Self { spawner, frontends: BTreeMap::new(), failures: None, sources: None })
     }
 
     /// Serves only clients in `sources`: others are reset (TCP) or dropped (UDP), and counted as rejected.
@@ -95,12 +99,6 @@ impl UserspaceDatapath {
         let server = if listen { Some(self.spawner.start(frontend, &state)?) } else { None };
         self.frontends.insert(frontend, Entry { state, server });
         Ok(())
-    }
-}
-
-impl Default for UserspaceDatapath {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -154,6 +152,7 @@ impl Datapath for UserspaceDatapath {
 /// What spawning a frontend's server needs; apart from the frontend map so both can be borrowed at once.
 struct Spawner {
     runtime: Handle,
+    workers: Workers,
     pipes: Arc<PipePool>,
     udp_idle: Duration,
 }
@@ -164,13 +163,22 @@ impl Spawner {
         let state = Arc::clone(state);
         Ok(match frontend.protocol {
             Protocol::Tcp => {
-                let listener = Arc::new(tcp::Listener::bind(addr)?);
-                let task = self.runtime.spawn(tcp::serve(Arc::clone(&listener), state, Arc::clone(&self.pipes)));
-                Server { task: task.abort_handle(), listener: Some(listener) }
+                let mut server = Server { tasks: Vec::new(), listeners: Vec::new() };
+                for worker in self.workers.handles() {
+                    // The listener registers with the epoll of the thread that accepts on it.
+                    let listener = {
+                        let _worker = worker.enter();
+                        Arc::new(tcp::Listener::bind(addr)?)
+                    };
+                    let serve = tcp::serve(Arc::clone(&listener), Arc::clone(&state), Arc::clone(&self.pipes));
+                    server.tasks.push(worker.spawn(serve).abort_handle());
+                    server.listeners.push(listener);
+                }
+                server
             }
             Protocol::Udp => {
                 let task = self.runtime.spawn(udp::serve(udp::bind(addr)?, state, self.udp_idle));
-                Server { task: task.abort_handle(), listener: None }
+                Server { tasks: vec![task.abort_handle()], listeners: Vec::new() }
             }
         })
     }
@@ -190,19 +198,22 @@ impl Entry {
     }
 }
 
-/// A frontend's socket and the task serving it. Dropping it stops both; established TCP connections run on tasks of
-/// their own and finish, UDP flows belong to the serving task and end with it.
+/// A frontend's sockets (a TCP listener per proxy thread, or one UDP socket) and the tasks serving them. Dropping it
+/// stops both; established TCP connections run on tasks of their own and finish, UDP flows belong to the serving
+/// task and end with it.
 struct Server {
-    task: AbortHandle,
-    listener: Option<Arc<tcp::Listener>>,
+    tasks: Vec<AbortHandle>,
+    listeners: Vec<Arc<tcp::Listener>>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(listener) = &self.listener {
+        for listener in &self.listeners {
             listener.close();
         }
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -269,9 +280,10 @@ impl Route {
     }
 }
 
-/// A non-blocking socket bound to `addr`. IP_FREEBIND: the VIP may land on edge0 only a moment after the frontend
-/// is applied. SO_REUSEADDR: a restarted agent must rebind despite connections of its predecessor in TIME_WAIT.
-fn bind(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
+/// A non-blocking socket for `addr`, to be bound there. IP_FREEBIND: the VIP may land on edge0 only a moment after
+/// the frontend is applied. SO_REUSEADDR: a restarted agent must rebind despite connections of its predecessor in
+/// TIME_WAIT.
+fn socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), ty, None)?;
     socket.set_reuse_address(true)?;
     match addr {
@@ -282,6 +294,5 @@ fn bind(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
         }
     }
     socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
     Ok(socket)
 }

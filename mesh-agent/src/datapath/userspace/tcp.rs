@@ -43,7 +43,10 @@ pub(super) struct Listener(Mutex<Option<TcpListener>>);
 impl Listener {
     /// Must run inside the runtime (the socket registers with its reactor).
     pub fn bind(addr: SocketAddr) -> io::Result<Self> {
-        let socket = super::bind(addr, Type::STREAM)?;
+        let socket = super::socket(addr, Type::STREAM)?;
+        // One listener per proxy thread on the same VIP:port.
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
         // Accepted sockets inherit it: one setsockopt per listener instead of one per connection.
         socket.set_tcp_nodelay(true)?;
         socket.listen(BACKLOG)?;

@@ -33,7 +33,9 @@ const MAX_DATAGRAM: usize = 65_535;
 
 /// Must run inside the runtime (the socket registers with its reactor).
 pub(super) fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
-    UdpSocket::from_std(super::bind(addr, Type::DGRAM)?.into())
+    let socket = super::socket(addr, Type::DGRAM)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 /// Serves datagrams to the VIP until aborted; aborting drops the flow table and with it every flow.
