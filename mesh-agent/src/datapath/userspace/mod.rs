@@ -128,13 +128,12 @@ impl Datapath for UserspaceDatapath {
             implementation: "userspace".into(),
             why: why.into(),
         };
+        let threads = self.spawner.workers.handles().len();
+        let tcp_why = format!("splice(2) proxy on {threads} thread(s), backend chosen per connection");
         DatapathStatus {
             mode: "userspace".into(),
             why: "proxy listening on every VIP:port".into(),
-            features: vec![
-                feature("tcp", "splice(2) proxy, backend chosen per connection"),
-                feature("udp", "per-client flows, backend chosen per flow"),
-            ],
+            features: vec![feature("tcp", &tcp_why), feature("udp", "per-client flows, backend chosen per flow")],
             programs: Vec::new(),
             maps: BTreeMap::new(),
             frontends: self.frontends.len(),
