@@ -151,6 +151,8 @@ pub struct DataplaneConfig {
     /// On SIGTERM: how long established proxied connections may finish before the agent exits.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Threads of the userspace proxy's TCP side; 0: one per CPU, at most 8.
+    pub proxy_threads: u16,
 }
 
 impl Default for DataplaneConfig {
@@ -162,6 +164,7 @@ impl Default for DataplaneConfig {
             max_services: 16_384,
             max_backends: 65_536,
             drain_timeout: Duration::from_secs(10),
+            proxy_threads: 0,
         }
     }
 }

@@ -32,7 +32,9 @@ pub fn start(config: &Config, failures: FailureSink, sources: Sources) -> Result
     }
     Ok(Box::new(Split {
         ebpf: ebpf.ok(),
-        userspace: UserspaceDatapath::new()?.with_failure_sink(failures).with_sources(sources),
+        userspace: UserspaceDatapath::new(config.dataplane.proxy_threads)?
+            .with_failure_sink(failures)
+            .with_sources(sources),
         why,
         owners: BTreeMap::new(),
         swept: false,

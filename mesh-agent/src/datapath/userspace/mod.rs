@@ -47,14 +47,14 @@ pub struct UserspaceDatapath {
 }
 
 impl UserspaceDatapath {
-    /// Must be called inside a tokio runtime: UDP sockets and their tasks live on it, TCP on the proxy's own
-    /// threads ([`Workers`]), which this starts.
-    pub fn new() -> io::Result<Self> {
-        Self::with_udp_idle_timeout(udp::IDLE_TIMEOUT)
+    /// Must be called inside a tokio runtime: UDP sockets and their tasks live on it, TCP on `threads` threads of
+    /// the proxy's own ([`Workers`]; 0: one per CPU), which this starts.
+    pub fn new(threads: u16) -> io::Result<Self> {
+        Self::with_udp_idle_timeout(threads, udp::IDLE_TIMEOUT)
     }
 
-    fn with_udp_idle_timeout(udp_idle: Duration) -> io::Result<Self> {
-        let workers = Workers::per_cpu()?;
+    fn with_udp_idle_timeout(threads: u16, udp_idle: Duration) -> io::Result<Self> {
+        let workers = Workers::new(threads)?;
         let spawner = Spawner { runtime: Handle::current(), workers, pipes: Arc::default(), udp_idle };
         Ok(Self { spawner, frontends: BTreeMap::new(), failures: None, sources: None })
     }

@@ -14,6 +14,9 @@ use crate::lb::{Policy, Strategy};
 
 const PORT: u16 = 7000;
 
+/// Proxy threads: more than one, so connections spread over listeners of the same frontend.
+const THREADS: u16 = 2;
+
 fn vip(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 42, 0, n))
 }
@@ -115,20 +118,26 @@ async fn exchange(addr: SocketAddr, data: &[u8]) -> io::Result<Vec<u8>> {
     Ok(received)
 }
 
-/// The inode of the socket listening on `addr`, from /proc/net/tcp: the same inode means the same socket.
-fn listener_inode(addr: SocketAddr) -> Option<u64> {
+/// The inodes of the sockets listening on `addr`, from /proc/net/tcp: the same inodes mean the same sockets.
+fn listener_inodes(addr: SocketAddr) -> Vec<u64> {
     let IpAddr::V4(ip) = addr.ip() else { unreachable!("the tests use IPv4") };
     let local = format!("{:08X}:{:04X}", u32::from_ne_bytes(ip.octets()), addr.port());
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<_> = line.split_whitespace().collect();
-        (fields[1] == local && fields[3] == "0A").then(|| fields[9].parse().unwrap())
-    })
+    let mut inodes: Vec<u64> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<_> = line.split_whitespace().collect();
+            (fields[1] == local && fields[3] == "0A").then(|| fields[9].parse().unwrap())
+        })
+        .collect();
+    inodes.sort_unstable();
+    inodes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_round_robin_alternates_over_two_backends() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(1, Protocol::Tcp);
     let (a, b) = (tagged_backend("a").await, tagged_backend("b").await);
     upsert(&mut dp, fe, &[a, b]);
@@ -146,7 +155,7 @@ async fn tcp_round_robin_alternates_over_two_backends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_refused_backend_is_skipped() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(2, Protocol::Tcp);
     let ((dead, _guard), live) = (refusing_backend(), tagged_backend("live").await);
     upsert(&mut dp, fe, &[dead, live]);
@@ -162,7 +171,7 @@ async fn tcp_refused_backend_is_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_without_backends_refuses() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(3, Protocol::Tcp);
     upsert(&mut dp, fe, &[]);
     let err = bounded("connect", TcpStream::connect(addr(fe))).await.unwrap_err();
@@ -172,7 +181,7 @@ async fn tcp_without_backends_refuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_all_backends_down_resets_the_client() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(4, Protocol::Tcp);
     let ((one, _one), (two, _two)) = (refusing_backend(), refusing_backend());
     upsert(&mut dp, fe, &[one, two]);
@@ -185,14 +194,16 @@ async fn tcp_all_backends_down_resets_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_update_switches_backends_on_the_same_listener() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(5, Protocol::Tcp);
     let (a, b) = (tagged_backend("a").await, tagged_backend("b").await);
     upsert(&mut dp, fe, &[a]);
     assert_eq!(bounded("fetch", fetch(addr(fe))).await.unwrap(), "a");
-    let inode = listener_inode(addr(fe)).expect("listening");
+    // A listener per proxy thread, kept across the update.
+    let inodes = listener_inodes(addr(fe));
+    assert_eq!(inodes.len(), usize::from(THREADS));
     upsert(&mut dp, fe, &[b]);
-    assert_eq!(listener_inode(addr(fe)), Some(inode));
+    assert_eq!(listener_inodes(addr(fe)), inodes);
     for _ in 0..3 {
         assert_eq!(bounded("fetch", fetch(addr(fe))).await.unwrap(), "b");
     }
@@ -201,7 +212,7 @@ async fn tcp_update_switches_backends_on_the_same_listener() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_remove_closes_the_listener_and_lets_connections_finish() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(6, Protocol::Tcp);
     upsert(&mut dp, fe, &[echo_backend().await]);
     let mut open = bounded("connect", TcpStream::connect(addr(fe))).await.unwrap();
@@ -212,6 +223,7 @@ async fn tcp_remove_closes_the_listener_and_lets_connections_finish() {
     assert_eq!(&before, b"before");
 
     dp.apply(&[Change::Remove(fe)]).unwrap();
+    assert_eq!(listener_inodes(addr(fe)), Vec::<u64>::new());
     let err = bounded("connect", TcpStream::connect(addr(fe))).await.unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
     assert!(dp.stats().is_empty());
@@ -229,7 +241,7 @@ async fn tcp_remove_closes_the_listener_and_lets_connections_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_emptied_frontend_refuses_then_listens_again() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(7, Protocol::Tcp);
     let a = tagged_backend("a").await;
     upsert(&mut dp, fe, &[a]);
@@ -242,7 +254,7 @@ async fn tcp_emptied_frontend_refuses_then_listens_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bind_failure_names_the_frontend_and_others_still_apply() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let (busy, fine) = (frontend(8, Protocol::Tcp), frontend(9, Protocol::Tcp));
     let _squatter = std::net::TcpListener::bind(addr(busy)).unwrap();
     let backend = tagged_backend("ok").await;
@@ -255,7 +267,7 @@ async fn bind_failure_names_the_frontend_and_others_still_apply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_large_transfer_is_spliced_byte_exact_both_ways() {
     const SIZE: usize = 64 << 20;
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(10, Protocol::Tcp);
     upsert(&mut dp, fe, &[echo_backend().await]);
     let mut rng = fastrand::Rng::with_seed(7);
@@ -270,7 +282,7 @@ async fn tcp_large_transfer_is_spliced_byte_exact_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_small_exchanges_are_copied_without_pipes() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(11, Protocol::Tcp);
     upsert(&mut dp, fe, &[echo_backend().await]);
     for i in 0..20 {
@@ -295,7 +307,7 @@ async fn tcp_last_bytes_and_fin_reach_the_client_in_one_segment() {
             conn.shutdown(std::net::Shutdown::Write).unwrap();
         }
     });
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(13, Protocol::Tcp);
     upsert(&mut dp, fe, &[backend]);
     let mut client = TcpStream::connect(addr(fe)).await.unwrap();
@@ -324,7 +336,7 @@ fn segments_received(stream: &TcpStream) -> u32 {
 async fn tcp_thousand_concurrent_connections_complete() {
     const N: usize = 1000;
     raise_fd_limit();
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(12, Protocol::Tcp);
     upsert(&mut dp, fe, &[echo_backend().await, echo_backend().await]);
     let clients: Vec<_> = (0..N)
@@ -414,7 +426,7 @@ async fn udp_until_refused(addr: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_echo_replies_come_from_the_vip() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(20, Protocol::Udp);
     upsert(&mut dp, fe, &[udp_backend("a").await]);
     let client = udp_client().await;
@@ -430,7 +442,7 @@ async fn udp_echo_replies_come_from_the_vip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_clients_get_flows_of_their_own() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(21, Protocol::Udp);
     upsert(&mut dp, fe, &[udp_backend("a").await, udp_backend("b").await]);
     let (one, two) = (udp_client().await, udp_client().await);
@@ -449,7 +461,7 @@ async fn udp_clients_get_flows_of_their_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_idle_flows_expire() {
-    let mut dp = UserspaceDatapath::with_udp_idle_timeout(Duration::from_millis(200)).unwrap();
+    let mut dp = UserspaceDatapath::with_udp_idle_timeout(THREADS, Duration::from_millis(200)).unwrap();
     let fe = frontend(22, Protocol::Udp);
     upsert(&mut dp, fe, &[udp_backend("a").await]);
     let client = udp_client().await;
@@ -464,7 +476,7 @@ async fn udp_idle_flows_expire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_without_backends_drops_and_counts() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(23, Protocol::Udp);
     upsert(&mut dp, fe, &[]);
     let client = udp_client().await;
@@ -478,7 +490,7 @@ async fn udp_without_backends_drops_and_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_remove_closes_the_socket_and_its_flows() {
-    let mut dp = UserspaceDatapath::new().unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
     let fe = frontend(24, Protocol::Udp);
     upsert(&mut dp, fe, &[udp_backend("a").await]);
     let client = udp_client().await;

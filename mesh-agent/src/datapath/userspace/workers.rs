@@ -21,13 +21,17 @@ pub(super) struct Workers {
     _stops: Vec<oneshot::Sender<()>>,
 }
 
-impl Workers {
-    /// One thread per CPU this process may run on.
-    pub fn per_cpu() -> io::Result<Self> {
-        Self::new(thread::available_parallelism().map_or(1, |n| n.get()))
-    }
+/// Threads when `dataplane.proxyThreads` is 0: one per CPU this process may run on, at most this many, since every
+/// thread holds a listener per TCP frontend (about 3.5 KiB of kernel memory each).
+const MAX_AUTO: usize = 8;
 
-    fn new(count: usize) -> io::Result<Self> {
+impl Workers {
+    /// `configured` threads, or with 0 one per CPU up to [`MAX_AUTO`].
+    pub fn new(configured: u16) -> io::Result<Self> {
+        let count = match configured {
+            0 => thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_AUTO),
+            n => n.into(),
+        };
         let mut handles = Vec::with_capacity(count);
         let mut stops = Vec::with_capacity(count);
         for i in 0..count {
