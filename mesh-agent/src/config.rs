@@ -151,7 +151,7 @@ pub struct DataplaneConfig {
     /// On SIGTERM: how long established proxied connections may finish before the agent exits.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// Threads of the userspace proxy's TCP side; 0: one per CPU, at most 8.
+    /// Threads of the userspace proxy's TCP side; 0: one per CPU.
     pub proxy_threads: u16,
 }
 

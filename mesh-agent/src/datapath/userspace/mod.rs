@@ -17,6 +17,7 @@ mod workers;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,7 +56,14 @@ impl UserspaceDatapath {
 
     fn with_udp_idle_timeout(threads: u16, udp_idle: Duration) -> io::Result<Self> {
         let workers = Workers::new(threads)?;
-        let spawner = Spawner { runtime: Handle::current(), workers, pipes: Arc::default(), udp_idle };
+        let spawner = Spawner {
+            runtime: Handle::current(),
+            workers,
+            listeners: Arc::default(),
+            next_worker: 0,
+            pipes: Arc::default(),
+            udp_idle,
+        };
         Ok(Self { spawner, frontends: BTreeMap::new(), failures: None, sources: None })
     }
 
@@ -148,22 +156,39 @@ impl Datapath for UserspaceDatapath {
     }
 }
 
+/// TCP listener sockets, over all frontends, up to which a frontend listens on every proxy thread; past it, a new
+/// frontend listens on one thread (each in turn). Listeners cost a descriptor and about 3.5 KiB of kernel memory
+/// each: 10,000 frontends take 10,000 plus this many, not 10,000 times the threads, while a few hundred services
+/// (and the bench's one) have every thread accepting.
+const SPREAD_LISTENERS: usize = 4096;
+
 /// What spawning a frontend's server needs; apart from the frontend map so both can be borrowed at once.
 struct Spawner {
     runtime: Handle,
     workers: Workers,
+    /// Open TCP listener sockets; each [`Server`] takes its own off when dropped.
+    listeners: Arc<AtomicUsize>,
+    /// The thread the next single-listener frontend goes to.
+    next_worker: usize,
     pipes: Arc<PipePool>,
     udp_idle: Duration,
 }
 
 impl Spawner {
-    fn start(&self, frontend: Frontend, state: &Arc<FrontendState>) -> io::Result<Server> {
+    fn start(&mut self, frontend: Frontend, state: &Arc<FrontendState>) -> io::Result<Server> {
         let addr = SocketAddr::new(frontend.vip, frontend.port);
         let state = Arc::clone(state);
         Ok(match frontend.protocol {
             Protocol::Tcp => {
-                let mut server = Server { tasks: Vec::new(), listeners: Vec::new() };
-                for worker in self.workers.handles() {
+                let mut server = Server::new(&self.listeners);
+                let all = self.workers.handles();
+                let workers = if self.listeners.load(Ordering::Relaxed) + all.len() <= SPREAD_LISTENERS {
+                    all
+                } else {
+                    self.next_worker = (self.next_worker + 1) % all.len();
+                    std::slice::from_ref(&all[self.next_worker])
+                };
+                for worker in workers {
                     // The listener registers with the epoll of the thread that accepts on it.
                     let listener = {
                         let _worker = worker.enter();
@@ -172,12 +197,16 @@ impl Spawner {
                     let serve = tcp::serve(Arc::clone(&listener), Arc::clone(&state), Arc::clone(&self.pipes));
                     server.tasks.push(worker.spawn(serve).abort_handle());
                     server.listeners.push(listener);
+                    self.listeners.fetch_add(1, Ordering::Relaxed);
                 }
                 server
             }
             Protocol::Udp => {
-                let task = self.runtime.spawn(udp::serve(udp::bind(addr)?, state, self.udp_idle));
-                Server { tasks: vec![task.abort_handle()], listeners: Vec::new() }
+                let mut server = Server::new(&self.listeners);
+                server
+                    .tasks
+                    .push(self.runtime.spawn(udp::serve(udp::bind(addr)?, state, self.udp_idle)).abort_handle());
+                server
             }
         })
     }
@@ -203,6 +232,14 @@ impl Entry {
 struct Server {
     tasks: Vec<AbortHandle>,
     listeners: Vec<Arc<tcp::Listener>>,
+    /// The spawner's count of open listeners.
+    open: Arc<AtomicUsize>,
+}
+
+impl Server {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        Self { tasks: Vec::new(), listeners: Vec::new(), open: Arc::clone(open) }
+    }
 }
 
 impl Drop for Server {
@@ -210,6 +247,7 @@ impl Drop for Server {
         for listener in &self.listeners {
             listener.close();
         }
+        self.open.fetch_sub(self.listeners.len(), Ordering::Relaxed);
         for task in &self.tasks {
             task.abort();
         }

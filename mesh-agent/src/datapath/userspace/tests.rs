@@ -210,6 +210,34 @@ async fn tcp_update_switches_backends_on_the_same_listener() {
     assert_eq!(stats_of(&dp, fe).connections, 4);
 }
 
+/// Frontends listen on every proxy thread while the listeners stay within [`SPREAD_LISTENERS`], past it on one; a
+/// removed frontend's listeners count no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_frontends_past_the_listener_budget_listen_on_one_thread() {
+    raise_fd_limit();
+    let threads = usize::from(THREADS);
+    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let backend = tagged_backend("ok").await;
+    let tcp = |i: usize| Frontend {
+        vip: IpAddr::V4(Ipv4Addr::new(127, 43, (i / 250) as u8, (i % 250 + 1) as u8)),
+        port: PORT,
+        protocol: Protocol::Tcp,
+    };
+    let spread = SPREAD_LISTENERS / threads;
+    let changes: Vec<_> = (0..spread + 2).map(|i| Change::Upsert(tcp(i), spec(&[backend]))).collect();
+    dp.apply(&changes).unwrap();
+    assert_eq!(listener_inodes(addr(tcp(0))).len(), threads);
+    assert_eq!(listener_inodes(addr(tcp(spread - 1))).len(), threads);
+    for late in [spread, spread + 1] {
+        assert_eq!(listener_inodes(addr(tcp(late))).len(), 1);
+        assert_eq!(bounded("fetch", fetch(addr(tcp(late)))).await.unwrap(), "ok");
+    }
+    // The two single listeners are over the budget: removing two spread frontends makes room for one.
+    dp.apply(&[Change::Remove(tcp(0)), Change::Remove(tcp(1))]).unwrap();
+    upsert(&mut dp, tcp(spread + 2), &[backend]);
+    assert_eq!(listener_inodes(addr(tcp(spread + 2))).len(), threads);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_remove_closes_the_listener_and_lets_connections_finish() {
     let mut dp = UserspaceDatapath::new(THREADS).unwrap();

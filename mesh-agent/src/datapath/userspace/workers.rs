@@ -1,6 +1,7 @@
-//! The proxy's threads: one per CPU, each running a single-threaded runtime with an epoll of its own, as haproxy's
-//! threads and nginx's workers do. Every TCP frontend has one listener per thread (SO_REUSEPORT: the kernel spreads
-//! new connections over them), and a connection lives on the thread that accepted it.
+//! The proxy's threads (by default one per CPU), each running a single-threaded runtime with an epoll of its own, as
+//! haproxy's threads and nginx's workers do. A TCP frontend has one listener per thread (SO_REUSEPORT: the kernel
+//! spreads new connections over them; past a budget of listeners, one on a single thread), and a connection lives on
+//! the thread that accepted it.
 //!
 //! Why not the agent's multi-threaded runtime: there one worker waits in epoll while the others sleep on a
 //! condition variable until it hands them tasks, so a CPU sits idle during every hand-off. Under the bench's load
@@ -21,15 +22,11 @@ pub(super) struct Workers {
     _stops: Vec<oneshot::Sender<()>>,
 }
 
-/// Threads when `dataplane.proxyThreads` is 0: one per CPU this process may run on, at most this many, since every
-/// thread holds a listener per TCP frontend (about 3.5 KiB of kernel memory each).
-const MAX_AUTO: usize = 8;
-
 impl Workers {
-    /// `configured` threads, or with 0 one per CPU up to [`MAX_AUTO`].
+    /// `configured` threads, or with 0 one per CPU this process may run on.
     pub fn new(configured: u16) -> io::Result<Self> {
         let count = match configured {
-            0 => thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_AUTO),
+            0 => thread::available_parallelism().map_or(1, |n| n.get()),
             n => n.into(),
         };
         let mut handles = Vec::with_capacity(count);
