@@ -339,7 +339,9 @@ fn round_robin(agent: &Agent) -> (bool, String) {
     let status = datapath(agent);
     let rr = status["features"].as_array().unwrap().iter().find(|f| f["feature"] == "roundRobin").unwrap().clone();
     let why = rr["why"].as_str().unwrap().to_owned();
-    (why.contains("alternates exactly"), why)
+    // Both accounts say "alternates exactly" (the older one for sequential connects only); only the exact one
+    // starts with the feature.
+    (why.starts_with("atomic fetch-and-add"), why)
 }
 
 /// The attach types of the programs attached to `cgroup`, one entry per program, asked of the kernel directly
@@ -493,12 +495,9 @@ fn round_robin_alternates_exactly_over_three_backends() {
     assert_eq!(first.len(), 3, "{answers:?}");
     assert!(answers.iter().enumerate().all(|(i, a)| *a == answers[i % 3]), "not alternating exactly: {answers:?}");
     // With atomic fetch-and-add the counter is exact under concurrent connects too: 3 clients × 10 connections
-    // give every backend exactly 10.
+    // give every backend exactly 10. Before 5.12 two connects racing on two CPUs can read the same count, each
+    // such race giving one backend a connection more and the next one fewer.
     let (exact, why) = round_robin(&agent);
-    if !exact {
-        skip(test, &format!("concurrent part: {why}"));
-        return;
-    }
     let clients: Vec<Background> = (0..3)
         .map(|_| {
             let mut cmd = w.client_command(&["http", VIP, "80", "10"]);
@@ -510,7 +509,13 @@ fn round_robin_alternates_exactly_over_three_backends() {
         let out = client.wait(Duration::from_secs(60));
         all.extend(out.as_array().unwrap().iter().map(|a| a[0].as_str().unwrap().to_owned()));
     }
-    assert_eq!(count(&all), BTreeMap::from([("a", 10), ("b", 10), ("c", 10)]), "concurrent clients");
+    let counts = count(&all);
+    if exact {
+        assert_eq!(counts, BTreeMap::from([("a", 10), ("b", 10), ("c", 10)]), "concurrent clients");
+    } else {
+        let near = counts.len() == 3 && counts.values().all(|n| (7..=13).contains(n));
+        assert!(near, "concurrent clients ({why}): {counts:?}");
+    }
 }
 
 #[test]
