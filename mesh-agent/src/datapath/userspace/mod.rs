@@ -166,7 +166,7 @@ const SPREAD_LISTENERS: usize = 4096;
 struct Spawner {
     runtime: Handle,
     workers: Workers,
-    /// Open TCP listener sockets; each [`Server`] takes its own off when dropped.
+    /// Open TCP listener sockets, kept by the [`Server`]s that own them.
     listeners: Arc<AtomicUsize>,
     /// The thread the next single-listener frontend goes to.
     next_worker: usize,
@@ -195,9 +195,7 @@ impl Spawner {
                         Arc::new(tcp::Listener::bind(addr)?)
                     };
                     let serve = tcp::serve(Arc::clone(&listener), Arc::clone(&state), Arc::clone(&self.pipes));
-                    server.tasks.push(worker.spawn(serve).abort_handle());
-                    server.listeners.push(listener);
-                    self.listeners.fetch_add(1, Ordering::Relaxed);
+                    server.add_listener(listener, worker.spawn(serve).abort_handle());
                 }
                 server
             }
@@ -239,6 +237,13 @@ struct Server {
 impl Server {
     fn new(open: &Arc<AtomicUsize>) -> Self {
         Self { tasks: Vec::new(), listeners: Vec::new(), open: Arc::clone(open) }
+    }
+
+    /// A TCP listener and its accept task: counted as open until this server is dropped.
+    fn add_listener(&mut self, listener: Arc<tcp::Listener>, task: AbortHandle) {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.listeners.push(listener);
+        self.tasks.push(task);
     }
 }
 
