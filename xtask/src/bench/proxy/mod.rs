@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::tools::{median, Run};
+use super::tools::{median, median_of, Run};
 use super::Args;
 pub use targets::{Target, ALL};
 use targets::{HTTP_PORT, IPERF_PORT};
@@ -120,15 +120,54 @@ fn rotated(n: usize, round: usize) -> impl Iterator<Item = usize> {
 
 /// Medians of the row's metrics (None where not measured).
 fn medians(row: &Row) -> Vec<Option<f64>> {
-    (0..METRICS.len()).map(|i| row.metrics.get(i).and_then(|m| m.as_ref().ok()).map(|runs| median(runs))).collect()
+    (0..METRICS.len()).map(|i| runs(row, i).map(median)).collect()
 }
 
-fn baseline(rows: &[Row]) -> Vec<Option<f64>> {
-    rows.iter().find(|r| r.target == Target::Direct).map(medians).unwrap_or_else(|| vec![None; METRICS.len()])
+fn runs(row: &Row, metric: usize) -> Option<&[Run]> {
+    row.metrics.get(metric).and_then(|m| m.as_ref().ok()).map(Vec::as_slice)
+}
+
+/// A target against a baseline on one metric: per round, the target's run over the baseline's run of the same
+/// round. Targets run back to back within a round, so a slow stretch of this shared machine (its load drifts by
+/// 10-20% over minutes, while two back-to-back runs of one target differ by ~3%) weighs on both sides of each
+/// ratio instead of on whichever target it fell on.
+struct Ratio {
+    rounds: Vec<f64>,
+}
+
+impl Ratio {
+    fn of(row: &Row, base: &Row, metric: usize) -> Option<Self> {
+        let (runs, base) = (runs(row, metric)?, runs(base, metric)?);
+        let rounds: Vec<f64> =
+            runs.iter().zip(base).filter(|(_, b)| b.value > 0.0).map(|(r, b)| r.value / b.value).collect();
+        (!rounds.is_empty()).then_some(Self { rounds })
+    }
+
+    fn median(&self) -> f64 {
+        median_of(self.rounds.clone())
+    }
+
+    /// The middle half of the rounds' ratios (first to third quartile, nearest rank): how far to trust the
+    /// median.
+    fn middle_half(&self) -> (f64, f64) {
+        let mut sorted = self.rounds.clone();
+        sorted.sort_by(f64::total_cmp);
+        let q = (sorted.len() - 1) / 4;
+        (sorted[q], sorted[sorted.len() - 1 - q])
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let (low, high) = self.middle_half();
+        json!({ "median": self.median(), "middleHalf": [low, high], "rounds": self.rounds })
+    }
+}
+
+fn find(rows: &[Row], target: Target) -> Option<&Row> {
+    rows.iter().find(|r| r.target == target && r.skipped.is_none())
 }
 
 fn print_table(rows: &[Row], services: usize) {
-    let base = baseline(rows);
+    let base = find(rows, Target::Direct);
     println!();
     println!("{services} service(s):");
     print!("{:<17}", "target");
@@ -144,16 +183,27 @@ fn print_table(rows: &[Row], services: usize) {
             continue;
         }
         for (i, value) in medians(row).into_iter().enumerate() {
-            let cell = match (value, base[i]) {
-                (Some(v), Some(b)) if b > 0.0 => format!("{} ({:.2}x)", format_value(i, v), v / b),
-                (Some(v), _) => format_value(i, v),
+            let cell = match (value, base.and_then(|b| Ratio::of(row, b, i))) {
+                (Some(v), Some(r)) => format!("{} ({:.2}x)", format_value(i, v), r.median()),
+                (Some(v), None) => format_value(i, v),
                 (None, _) => "failed".into(),
             };
             print!("{cell:>24}");
         }
         println!();
     }
-    println!("(median of the runs; ratios to direct)");
+    println!("(medians of the runs; ratios to direct: the median of the rounds' ratios)");
+    for (target, against) in COMPARED {
+        let (Some(row), Some(base)) = (find(rows, target), find(rows, against)) else { continue };
+        print!("{} / {}:", target.name(), against.name());
+        for (i, (_, title)) in METRICS.iter().enumerate() {
+            if let Some(r) = Ratio::of(row, base, i) {
+                let (low, high) = r.middle_half();
+                print!("  {title} {:.2}x ({low:.2}-{high:.2})", r.median());
+            }
+        }
+        println!();
+    }
     for row in rows {
         match &row.scale {
             Some(Ok(scale)) => println!("{}: {}", row.target.name(), scale.describe()),
@@ -162,6 +212,14 @@ fn print_table(rows: &[Row], services: usize) {
         }
     }
 }
+
+/// The comparisons the goals name beyond "x direct", printed with the middle half of the rounds' ratios and
+/// written under `ratioTo` in results.json.
+const COMPARED: [(Target, Target); 3] = [
+    (Target::AgentEbpf, Target::Direct),
+    (Target::AgentEbpf, Target::IptablesDnat),
+    (Target::AgentUserspace, Target::Haproxy),
+];
 
 fn format_value(metric: usize, v: f64) -> String {
     if metric == 2 {
@@ -172,7 +230,7 @@ fn format_value(metric: usize, v: f64) -> String {
 }
 
 fn results_json(rows: &[Row]) -> serde_json::Value {
-    let base = baseline(rows);
+    let base = find(rows, Target::Direct);
     let results: Vec<serde_json::Value> = rows
         .iter()
         .map(|row| {
@@ -183,17 +241,22 @@ fn results_json(rows: &[Row]) -> serde_json::Value {
             }
             for (i, (key, _)) in METRICS.iter().enumerate() {
                 entry[*key] = match &row.metrics[i] {
-                    Ok(runs) => {
-                        let m = median(runs);
-                        json!({
-                            "median": m,
-                            "ratio": base[i].filter(|b| *b > 0.0).map(|b| m / b),
-                            "runs": runs.iter().map(|r| r.value).collect::<Vec<_>>(),
-                            "errors": runs.iter().map(|r| r.errors).sum::<u64>(),
-                        })
-                    }
+                    Ok(runs) => json!({
+                        "median": median(runs),
+                        "ratio": base.and_then(|b| Ratio::of(row, b, i)).map(|r| r.median()),
+                        "runs": runs.iter().map(|r| r.value).collect::<Vec<_>>(),
+                        "errors": runs.iter().map(|r| r.errors).sum::<u64>(),
+                    }),
                     Err(why) => json!({ "failed": why }),
                 };
+            }
+            for (target, against) in COMPARED {
+                let Some(base) = find(rows, against).filter(|_| target == row.target) else { continue };
+                for (i, (key, _)) in METRICS.iter().enumerate() {
+                    if let Some(r) = Ratio::of(row, base, i) {
+                        entry["ratioTo"][against.name()][*key] = r.json();
+                    }
+                }
             }
             if let Some(datapath) = &row.datapath {
                 entry["datapath"] = datapath.clone();
@@ -215,8 +278,31 @@ mod tests {
     use crate::bench::tools::Run;
 
     fn row(target: Target, value: f64) -> Row {
-        let runs = Ok(vec![Run { value, errors: 0 }]);
+        rounds(target, &[value])
+    }
+
+    fn rounds(target: Target, values: &[f64]) -> Row {
+        let runs = Ok(values.iter().map(|&value| Run { value, errors: 0 }).collect());
         Row { target, metrics: vec![runs; METRICS.len()], skipped: None, datapath: None, scale: None }
+    }
+
+    #[test]
+    fn ratios_pair_the_runs_of_a_round() {
+        // The machine ran at half speed in round 3: each run is divided by its own round's.
+        let rows = [
+            rounds(Target::Direct, &[200.0, 210.0, 100.0]),
+            rounds(Target::Haproxy, &[100.0, 100.0, 50.0]),
+            rounds(Target::AgentUserspace, &[99.0, 99.0, 51.0]),
+        ];
+        let r = Ratio::of(&rows[2], &rows[1], 0).unwrap();
+        assert_eq!(r.median(), 0.99);
+        assert_eq!(r.middle_half(), (0.99, 1.02));
+        let json = results_json(&rows);
+        let vs = &json[2]["ratioTo"]["haproxy"]["keepAliveRps"];
+        assert_eq!(vs["median"], 0.99, "{json}");
+        assert_eq!(vs["rounds"], json!([0.99, 0.99, 1.02]));
+        assert_eq!(json[1]["keepAliveRps"]["ratio"], 0.5);
+        assert!(json[0].get("ratioTo").is_none(), "direct is compared with nothing: {json}");
     }
 
     #[test]
