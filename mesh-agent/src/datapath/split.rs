@@ -32,7 +32,7 @@ pub fn start(config: &Config, failures: FailureSink, sources: Sources) -> Result
     }
     Ok(Box::new(Split {
         ebpf: ebpf.ok(),
-        userspace: UserspaceDatapath::new(config.dataplane.proxy_threads)?
+        userspace: UserspaceDatapath::new(config.dataplane.proxy_threads)
             .with_failure_sink(failures)
             .with_sources(sources),
         why,

@@ -49,22 +49,21 @@ pub struct UserspaceDatapath {
 
 impl UserspaceDatapath {
     /// Must be called inside a tokio runtime: UDP sockets and their tasks live on it, TCP on `threads` threads of
-    /// the proxy's own ([`Workers`]; 0: one per CPU), which this starts.
-    pub fn new(threads: u16) -> io::Result<Self> {
+    /// the proxy's own ([`Workers`]; 0: one per CPU), started with the first TCP frontend.
+    pub fn new(threads: u16) -> Self {
         Self::with_udp_idle_timeout(threads, udp::IDLE_TIMEOUT)
     }
 
-    fn with_udp_idle_timeout(threads: u16, udp_idle: Duration) -> io::Result<Self> {
-        let workers = Workers::new(threads)?;
+    fn with_udp_idle_timeout(threads: u16, udp_idle: Duration) -> Self {
         let spawner = Spawner {
             runtime: Handle::current(),
-            workers,
+            workers: Workers::new(threads),
             listeners: Arc::default(),
             next_worker: 0,
             pipes: Arc::default(),
             udp_idle,
         };
-        Ok(Self { spawner, frontends: BTreeMap::new(), failures: None, sources: None })
+        Self { spawner, frontends: BTreeMap::new(), failures: None, sources: None }
     }
 
     /// Serves only clients in `sources`: others are reset (TCP) or dropped (UDP), and counted as rejected.
@@ -136,8 +135,12 @@ impl Datapath for UserspaceDatapath {
             implementation: "userspace".into(),
             why: why.into(),
         };
-        let threads = self.spawner.workers.handles().len();
-        let tcp_why = format!("splice(2) proxy on {threads} thread(s), backend chosen per connection");
+        let workers = &self.spawner.workers;
+        let threads = match workers.started() {
+            true => format!("on {} thread(s)", workers.count()),
+            false => format!("on {} thread(s) from its first TCP frontend", workers.count()),
+        };
+        let tcp_why = format!("splice(2) proxy {threads}, backend chosen per connection");
         DatapathStatus {
             mode: "userspace".into(),
             why: "proxy listening on every VIP:port".into(),
@@ -181,7 +184,7 @@ impl Spawner {
         Ok(match frontend.protocol {
             Protocol::Tcp => {
                 let mut server = Server::new(&self.listeners);
-                let all = self.workers.handles();
+                let all = self.workers.handles()?;
                 let workers = if self.listeners.load(Ordering::Relaxed) + all.len() <= SPREAD_LISTENERS {
                     all
                 } else {

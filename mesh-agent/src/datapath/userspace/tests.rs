@@ -137,7 +137,7 @@ fn listener_inodes(addr: SocketAddr) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_round_robin_alternates_over_two_backends() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(1, Protocol::Tcp);
     let (a, b) = (tagged_backend("a").await, tagged_backend("b").await);
     upsert(&mut dp, fe, &[a, b]);
@@ -153,9 +153,26 @@ async fn tcp_round_robin_alternates_over_two_backends() {
     assert_eq!(dp.status().frontends, 1);
 }
 
+/// No proxy thread runs before a TCP frontend has a listener (on an eBPF node, the kernel serves them all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_threads_start_with_the_first_tcp_listener() {
+    let mut dp = UserspaceDatapath::new(THREADS);
+    let tcp_why = |dp: &UserspaceDatapath| dp.status().features.into_iter().find(|f| f.feature == "tcp").unwrap().why;
+    let (udp, tcp) = (frontend(14, Protocol::Udp), frontend(14, Protocol::Tcp));
+    upsert(&mut dp, udp, &[udp_backend("u").await]);
+    upsert(&mut dp, tcp, &[]);
+    assert!(!dp.spawner.workers.started());
+    assert!(tcp_why(&dp).contains(&format!("on {THREADS} thread(s) from its first TCP frontend")), "{}", tcp_why(&dp));
+    upsert(&mut dp, tcp, &[tagged_backend("a").await]);
+    assert!(dp.spawner.workers.started());
+    assert!(tcp_why(&dp).starts_with(&format!("splice(2) proxy on {THREADS} thread(s),")), "{}", tcp_why(&dp));
+    assert_eq!(listener_inodes(addr(tcp)).len(), usize::from(THREADS));
+    assert_eq!(bounded("fetch", fetch(addr(tcp))).await.unwrap(), "a");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_refused_backend_is_skipped() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(2, Protocol::Tcp);
     let ((dead, _guard), live) = (refusing_backend(), tagged_backend("live").await);
     upsert(&mut dp, fe, &[dead, live]);
@@ -171,7 +188,7 @@ async fn tcp_refused_backend_is_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_without_backends_refuses() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(3, Protocol::Tcp);
     upsert(&mut dp, fe, &[]);
     let err = bounded("connect", TcpStream::connect(addr(fe))).await.unwrap_err();
@@ -181,7 +198,7 @@ async fn tcp_without_backends_refuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_all_backends_down_resets_the_client() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(4, Protocol::Tcp);
     let ((one, _one), (two, _two)) = (refusing_backend(), refusing_backend());
     upsert(&mut dp, fe, &[one, two]);
@@ -194,7 +211,7 @@ async fn tcp_all_backends_down_resets_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_update_switches_backends_on_the_same_listener() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(5, Protocol::Tcp);
     let (a, b) = (tagged_backend("a").await, tagged_backend("b").await);
     upsert(&mut dp, fe, &[a]);
@@ -216,7 +233,7 @@ async fn tcp_update_switches_backends_on_the_same_listener() {
 async fn tcp_frontends_past_the_listener_budget_listen_on_one_thread() {
     raise_fd_limit();
     let threads = usize::from(THREADS);
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let backend = tagged_backend("ok").await;
     let tcp = |i: usize| Frontend {
         vip: IpAddr::V4(Ipv4Addr::new(127, 43, (i / 250) as u8, (i % 250 + 1) as u8)),
@@ -240,7 +257,7 @@ async fn tcp_frontends_past_the_listener_budget_listen_on_one_thread() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_remove_closes_the_listener_and_lets_connections_finish() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(6, Protocol::Tcp);
     upsert(&mut dp, fe, &[echo_backend().await]);
     let mut open = bounded("connect", TcpStream::connect(addr(fe))).await.unwrap();
@@ -269,7 +286,7 @@ async fn tcp_remove_closes_the_listener_and_lets_connections_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_emptied_frontend_refuses_then_listens_again() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(7, Protocol::Tcp);
     let a = tagged_backend("a").await;
     upsert(&mut dp, fe, &[a]);
@@ -282,7 +299,7 @@ async fn tcp_emptied_frontend_refuses_then_listens_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bind_failure_names_the_frontend_and_others_still_apply() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let (busy, fine) = (frontend(8, Protocol::Tcp), frontend(9, Protocol::Tcp));
     let _squatter = std::net::TcpListener::bind(addr(busy)).unwrap();
     let backend = tagged_backend("ok").await;
@@ -295,7 +312,7 @@ async fn bind_failure_names_the_frontend_and_others_still_apply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_large_transfer_is_spliced_byte_exact_both_ways() {
     const SIZE: usize = 64 << 20;
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(10, Protocol::Tcp);
     upsert(&mut dp, fe, &[echo_backend().await]);
     let mut rng = fastrand::Rng::with_seed(7);
@@ -310,7 +327,7 @@ async fn tcp_large_transfer_is_spliced_byte_exact_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_small_exchanges_are_copied_without_pipes() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(11, Protocol::Tcp);
     upsert(&mut dp, fe, &[echo_backend().await]);
     for i in 0..20 {
@@ -335,7 +352,7 @@ async fn tcp_last_bytes_and_fin_reach_the_client_in_one_segment() {
             conn.shutdown(std::net::Shutdown::Write).unwrap();
         }
     });
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(13, Protocol::Tcp);
     upsert(&mut dp, fe, &[backend]);
     let mut client = TcpStream::connect(addr(fe)).await.unwrap();
@@ -364,7 +381,7 @@ fn segments_received(stream: &TcpStream) -> u32 {
 async fn tcp_thousand_concurrent_connections_complete() {
     const N: usize = 1000;
     raise_fd_limit();
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(12, Protocol::Tcp);
     upsert(&mut dp, fe, &[echo_backend().await, echo_backend().await]);
     let clients: Vec<_> = (0..N)
@@ -454,7 +471,7 @@ async fn udp_until_refused(addr: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_echo_replies_come_from_the_vip() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(20, Protocol::Udp);
     upsert(&mut dp, fe, &[udp_backend("a").await]);
     let client = udp_client().await;
@@ -470,7 +487,7 @@ async fn udp_echo_replies_come_from_the_vip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_clients_get_flows_of_their_own() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(21, Protocol::Udp);
     upsert(&mut dp, fe, &[udp_backend("a").await, udp_backend("b").await]);
     let (one, two) = (udp_client().await, udp_client().await);
@@ -489,7 +506,7 @@ async fn udp_clients_get_flows_of_their_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_idle_flows_expire() {
-    let mut dp = UserspaceDatapath::with_udp_idle_timeout(THREADS, Duration::from_millis(200)).unwrap();
+    let mut dp = UserspaceDatapath::with_udp_idle_timeout(THREADS, Duration::from_millis(200));
     let fe = frontend(22, Protocol::Udp);
     upsert(&mut dp, fe, &[udp_backend("a").await]);
     let client = udp_client().await;
@@ -504,7 +521,7 @@ async fn udp_idle_flows_expire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_without_backends_drops_and_counts() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(23, Protocol::Udp);
     upsert(&mut dp, fe, &[]);
     let client = udp_client().await;
@@ -518,7 +535,7 @@ async fn udp_without_backends_drops_and_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_remove_closes_the_socket_and_its_flows() {
-    let mut dp = UserspaceDatapath::new(THREADS).unwrap();
+    let mut dp = UserspaceDatapath::new(THREADS);
     let fe = frontend(24, Protocol::Udp);
     upsert(&mut dp, fe, &[udp_backend("a").await]);
     let client = udp_client().await;
