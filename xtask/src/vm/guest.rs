@@ -53,6 +53,8 @@ pub struct Outcome {
     /// init reached its end.
     pub done: bool,
     pub timed_out: bool,
+    /// The hang that ended this kernel's first boot, when this is the second.
+    pub hung_before: Option<String>,
     pub wall: Duration,
     pub console: PathBuf,
 }
@@ -81,7 +83,12 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
         .arg(b.vmlinuz)
         .arg("-initrd")
         .arg(b.initramfs)
-        .args(["-append", "console=ttyS0 loglevel=4 panic=-1 rdinit=/init"])
+        // A kernel that hangs (soft lockup) panics, and with -no-reboot QEMU exits, instead of the guest spinning until
+        // the deadline; loglevel 5 lets the lockup's backtraces (KERN_WARNING) reach the console log.
+        .args([
+            "-append",
+            "console=ttyS0 loglevel=5 panic=-1 softlockup_panic=1 softlockup_all_cpu_backtrace=1 rdinit=/init",
+        ])
         .args(["-serial", "stdio", "-serial"])
         .arg(format!("file:{}", results.display()))
         .stdin(Stdio::null())
@@ -123,6 +130,15 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
     Ok(outcome)
 }
 
+impl Outcome {
+    /// The first console line saying the guest's kernel hung (a soft lockup or an RCU stall), if it did.
+    pub fn kernel_hang(&self) -> Option<String> {
+        let log = std::fs::read_to_string(&self.console).ok()?;
+        let line = log.lines().find(|l| l.contains("soft lockup") || l.contains("self-detected stall"))?;
+        Some(line.trim().to_owned())
+    }
+}
+
 /// A console line without its line end and terminal control sequences (the firmware clears the screen).
 fn printable(line: &[u8]) -> String {
     let text = String::from_utf8_lossy(line);
@@ -153,6 +169,7 @@ fn parse(text: &str) -> Outcome {
         tests: Vec::new(),
         done: false,
         timed_out: false,
+        hung_before: None,
         wall: Duration::ZERO,
         console: PathBuf::new(),
     };
@@ -216,6 +233,23 @@ mod tests {
         assert_eq!(o.tests[0].results, ["test result: FAILED. 11 passed; 1 failed; 0 ignored"]);
         assert_eq!(o.tests[1].exit, None, "no end reported: hung");
         assert!(!o.done && !o.passed());
+    }
+
+    #[test]
+    fn a_soft_lockup_on_the_console_is_a_kernel_hang() {
+        let mut o = parse("");
+        o.console = std::env::temp_dir().join(format!("vm-console-test-{}.log", std::process::id()));
+        std::fs::write(&o.console, "[    2.1] veth: loaded\n").unwrap();
+        assert_eq!(o.kernel_hang(), None);
+        // As the 6.1 guest's console had it (2026-12-05).
+        std::fs::write(
+            &o.console,
+            "[   71.08] rcu: INFO: rcu_preempt self-detected stall on CPU\n\
+             [   96.50] watchdog: BUG: soft lockup - CPU#0 stuck for 44s! [tokio-rt-worker:2255]\n",
+        )
+        .unwrap();
+        assert_eq!(o.kernel_hang().as_deref(), Some("[   71.08] rcu: INFO: rcu_preempt self-detected stall on CPU"));
+        std::fs::remove_file(&o.console).unwrap();
     }
 
     #[test]
