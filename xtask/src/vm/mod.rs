@@ -108,7 +108,7 @@ pub fn run(args: &Args) -> Result<()> {
         // one in a test, 2026-12-05), with no sign of it in the next boot of the same payload. One more boot,
         // said in the report and kept in its console log, tells a stuck emulator from a hang of ours, which
         // comes back.
-        if let Some(hang) = outcome.kernel_hang().filter(|_| !outcome.passed()) {
+        if let Some(hang) = if outcome.passed() { None } else { outcome.kernel_hang() } {
             let first = cache.join(format!("{}-hung-console.log", k.name));
             fs::rename(&outcome.console, &first)?;
             println!(

@@ -136,11 +136,8 @@ impl Datapath for UserspaceDatapath {
             why: why.into(),
         };
         let workers = &self.spawner.workers;
-        let threads = match workers.started() {
-            true => format!("on {} thread(s)", workers.count()),
-            false => format!("on {} thread(s) from its first TCP frontend", workers.count()),
-        };
-        let tcp_why = format!("splice(2) proxy {threads}, backend chosen per connection");
+        let when = if workers.started() { "" } else { " from its first TCP frontend" };
+        let tcp_why = format!("splice(2) proxy on {} thread(s){when}, backend chosen per connection", workers.count());
         DatapathStatus {
             mode: "userspace".into(),
             why: "proxy listening on every VIP:port".into(),
