@@ -2,6 +2,7 @@
 //! bridges (docker0, cni0, cbr0 and the like: any bridge device). The server is no open resolver: everyone else gets
 //! REFUSED — for cluster-zone names too, since the catalog describes the node's services to no one else.
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -24,8 +25,12 @@ impl AllowList {
     pub fn local(listen: IpAddr) -> io::Result<Self> {
         let mut nets: Vec<IpNet> = vec!["127.0.0.0/8".parse().expect("valid"), "::1/128".parse().expect("valid")];
         nets.push(IpNet::from(listen));
+        // Looked up once per interface: edge0 alone holds an address per service, and this runs every few seconds.
+        let mut bridges = HashMap::new();
         for (interface, ip, prefix) in interface_addresses()? {
-            let bridge = Path::new("/sys/class/net").join(&interface).join("bridge").exists();
+            let bridge = *bridges
+                .entry(interface)
+                .or_insert_with_key(|name| Path::new("/sys/class/net").join(name).join("bridge").exists());
             let prefix = if bridge { prefix } else { max_prefix(ip) };
             if let Ok(net) = IpNet::new(ip, prefix) {
                 nets.push(net.trunc());
