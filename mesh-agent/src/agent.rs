@@ -57,6 +57,9 @@ pub async fn run(config: Config) -> Result<()> {
     if let Some(counters) = datapath.kernel_counters() {
         view.set_kernel_counters(counters);
     }
+    if let Some(counters) = datapath.proxy_counters() {
+        view.set_proxy_counters(counters);
+    }
     let reconciler =
         Reconciler::new(ipam, device, datapath, dns_address, config.load_balancer.strategy, Arc::clone(&view), health);
     let resolved = reconciler.subscribe();

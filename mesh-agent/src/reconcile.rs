@@ -90,7 +90,6 @@ impl Reconciler {
                     Err(_) => health_open = false,
                 },
                 _ = tick.tick() => {
-                    self.view.set_frontend_stats(self.datapath.frontend_stats());
                     self.check_device(&current).await;
                     if self.retry {
                         self.apply(&current).await;

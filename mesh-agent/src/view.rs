@@ -10,7 +10,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, ClusterIp, SourceState, TargetPort};
-use crate::datapath::{DatapathStatus, Frontend, FrontendStats, KernelCounters, KernelCounts};
+use crate::datapath::{DatapathStatus, Frontend, FrontendStats, KernelCounters, KernelCounts, ProxyCounters};
 use crate::ipam::Assignment;
 use crate::reconcile::Resolved;
 
@@ -114,7 +114,8 @@ struct Published {
 pub struct View {
     published: ArcSwap<Published>,
     datapath: ArcSwap<Option<DatapathStatus>>,
-    frontend_stats: ArcSwap<Vec<(Frontend, FrontendStats)>>,
+    /// Set once the data path has started.
+    proxy_counters: OnceLock<Arc<ProxyCounters>>,
     /// Set once the data path has started, if the kernel serves frontends.
     kernel_counters: OnceLock<Arc<KernelCounters>>,
     /// Set once the first catalog has been applied to the data path.
@@ -132,7 +133,7 @@ impl View {
         Self {
             published: ArcSwap::from_pointee(Published::default()),
             datapath: ArcSwap::from_pointee(None),
-            frontend_stats: ArcSwap::from_pointee(Vec::new()),
+            proxy_counters: OnceLock::new(),
             kernel_counters: OnceLock::new(),
             programmed: AtomicBool::new(false),
             applies: AtomicU64::new(0),
@@ -149,13 +150,13 @@ impl View {
         self.programmed.store(true, Ordering::Release);
     }
 
-    /// Refreshed by the reconciler every second and after each apply.
-    pub fn set_frontend_stats(&self, stats: Vec<(Frontend, FrontendStats)>) {
-        self.frontend_stats.store(Arc::new(stats));
+    pub fn set_proxy_counters(&self, counters: Arc<ProxyCounters>) {
+        let _ = self.proxy_counters.set(counters);
     }
 
-    pub fn frontend_stats(&self) -> Arc<Vec<(Frontend, FrontendStats)>> {
-        self.frontend_stats.load_full()
+    /// What the userspace proxy counted per frontend, read now.
+    pub fn frontend_stats(&self) -> Vec<(Frontend, FrontendStats)> {
+        self.proxy_counters.get().map(|c| c.read()).unwrap_or_default()
     }
 
     pub fn set_kernel_counters(&self, counters: Arc<KernelCounters>) {

@@ -9,7 +9,7 @@ pub mod userspace;
 pub use crate::sources::Sources;
 pub use ebpf::{KernelCounters, KernelCounts};
 pub use split::start;
-pub use userspace::{BackendStats, FrontendStats};
+pub use userspace::{BackendStats, FrontendStats, ProxyCounters};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -128,9 +128,9 @@ pub trait Datapath: Send {
     fn status(&self) -> DatapathStatus;
     /// The first whole catalog has been applied: state left by a previous agent that it did not confirm can go.
     fn catalog_applied(&mut self) {}
-    /// Per-frontend counters, where the data path keeps them (the proxy does; the kernel path does not).
-    fn frontend_stats(&self) -> Vec<(Frontend, FrontendStats)> {
-        Vec::new()
+    /// The proxy's per-frontend counters, where it serves frontends.
+    fn proxy_counters(&self) -> Option<Arc<ProxyCounters>> {
+        None
     }
     /// The kernel programs' per-frontend counters, where eBPF serves frontends.
     fn kernel_counters(&self) -> Option<Arc<KernelCounters>> {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use tracing::{info, warn};
 
 use super::ebpf::{self, EbpfDatapath, EbpfOptions, KernelCounters};
-use super::userspace::UserspaceDatapath;
+use super::userspace::{ProxyCounters, UserspaceDatapath};
 use super::{ApplyError, Change, Datapath, DatapathStatus, FailureSink, Frontend, Sources};
 use crate::config::{Config, DataplaneMode};
 
@@ -156,8 +156,8 @@ impl Datapath for Split {
         self.userspace.stop_accepting();
     }
 
-    fn frontend_stats(&self) -> Vec<(Frontend, super::FrontendStats)> {
-        self.userspace.stats()
+    fn proxy_counters(&self) -> Option<Arc<ProxyCounters>> {
+        Some(self.userspace.counters())
     }
 
     fn kernel_counters(&self) -> Option<Arc<KernelCounters>> {

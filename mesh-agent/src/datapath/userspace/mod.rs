@@ -45,6 +45,19 @@ pub struct UserspaceDatapath {
     failures: Option<FailureSink>,
     /// Clients allowed to use the VIPs; `None` allows all (tests of the proxy alone).
     sources: Option<Sources>,
+    counters: Arc<ProxyCounters>,
+}
+
+/// The proxy's per-frontend counters as readers see them: every frontend as of the last change, read when asked
+/// (a scrape, the admin API) rather than copied out on a timer, which cost ~9 ms of CPU a second at 10,000 services.
+#[derive(Default)]
+pub struct ProxyCounters(ArcSwap<Vec<(Frontend, Arc<FrontendState>, bool)>>);
+
+impl ProxyCounters {
+    /// Counters of every frontend, in frontend order.
+    pub fn read(&self) -> Vec<(Frontend, FrontendStats)> {
+        self.0.load().iter().map(|(frontend, state, serving)| (*frontend, state.stats(*serving))).collect()
+    }
 }
 
 impl UserspaceDatapath {
@@ -63,7 +76,7 @@ impl UserspaceDatapath {
             pipes: Arc::default(),
             udp_idle,
         };
-        Self { spawner, frontends: BTreeMap::new(), failures: None, sources: None }
+        Self { spawner, frontends: BTreeMap::new(), failures: None, sources: None, counters: Arc::default() }
     }
 
     /// Serves only clients in `sources`: others are reset (TCP) or dropped (UDP), and counted as rejected.
@@ -80,7 +93,18 @@ impl UserspaceDatapath {
 
     /// Counters of every frontend, in frontend order.
     pub fn stats(&self) -> Vec<(Frontend, FrontendStats)> {
-        self.frontends.iter().map(|(frontend, entry)| (*frontend, entry.stats())).collect()
+        self.counters.read()
+    }
+
+    /// Where readers outside the data path find its counters.
+    pub fn counters(&self) -> Arc<ProxyCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// Shows readers the frontends as they are now.
+    fn publish(&self) {
+        let frontends = self.frontends.iter().map(|(f, e)| (*f, Arc::clone(&e.state), e.server.is_some())).collect();
+        self.counters.0.store(Arc::new(frontends));
     }
 
     fn upsert(&mut self, frontend: Frontend, spec: &FrontendSpec) -> io::Result<()> {
@@ -126,6 +150,7 @@ impl Datapath for UserspaceDatapath {
                 }
             }
         }
+        self.publish();
         errors.check()
     }
 
@@ -145,7 +170,7 @@ impl Datapath for UserspaceDatapath {
             programs: Vec::new(),
             maps: BTreeMap::new(),
             frontends: self.frontends.len(),
-            active_connections: self.stats().iter().map(|(_, s)| s.active).sum(),
+            active_connections: self.frontends.values().map(|e| e.state.counters.active()).sum(),
         }
     }
 
@@ -153,6 +178,7 @@ impl Datapath for UserspaceDatapath {
         for entry in self.frontends.values_mut() {
             entry.server = None;
         }
+        self.publish();
     }
 }
 
@@ -216,14 +242,6 @@ struct Entry {
     server: Option<Server>,
 }
 
-impl Entry {
-    fn stats(&self) -> FrontendStats {
-        let route = self.state.route.load();
-        let backends = route.selections.snapshot(route.backends());
-        self.state.counters.snapshot(self.state.service.clone(), self.server.is_some(), backends)
-    }
-}
-
 /// A frontend's sockets (a TCP listener per proxy thread, or one UDP socket) and the tasks serving them. Dropping it
 /// stops both; established TCP connections run on tasks of their own and finish, UDP flows belong to the serving
 /// task and end with it.
@@ -269,6 +287,12 @@ struct FrontendState {
 }
 
 impl FrontendState {
+    fn stats(&self, serving: bool) -> FrontendStats {
+        let route = self.route.load();
+        let backends = route.selections.snapshot(route.backends());
+        self.counters.snapshot(self.service.clone(), serving, backends)
+    }
+
     /// Whether `client` may use this frontend; a refusal is counted.
     fn admits(&self, client: IpAddr) -> bool {
         let admitted = self.sources.as_ref().is_none_or(|s| s.load().allows(client));

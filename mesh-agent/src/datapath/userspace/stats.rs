@@ -65,6 +65,10 @@ impl Counters {
         self.active.store(n as u64, Ordering::Relaxed);
     }
 
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
     pub fn snapshot(&self, service: ServiceId, listening: bool, backends: Vec<BackendStats>) -> FrontendStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         FrontendStats {

@@ -544,3 +544,27 @@ async fn udp_remove_closes_the_socket_and_its_flows() {
     udp_until_refused(addr(fe)).await;
     udp_until_refused(flow.parse().unwrap()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counters_handle_reads_each_change_and_the_traffic_since_when_asked() {
+    let mut dp = UserspaceDatapath::new(THREADS);
+    let counters = dp.counters();
+    assert!(counters.read().is_empty());
+    let fe = frontend(25, Protocol::Tcp);
+    upsert(&mut dp, fe, &[tagged_backend("live").await]);
+    for _ in 0..3 {
+        assert_eq!(bounded("fetch", fetch(addr(fe))).await.unwrap(), "live");
+    }
+    // Nothing copies the counters out between the fetches and this read: the handle reads the frontend's own.
+    let read = counters.read();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].0, fe);
+    assert!(read[0].1.listening);
+    assert_eq!(read[0].1.connections, 3);
+    assert_eq!(read[0].1.backends.iter().map(|b| b.selected).sum::<u64>(), 3);
+
+    dp.stop_accepting();
+    assert!(!counters.read()[0].1.listening);
+    dp.apply(&[Change::Remove(fe)]).unwrap();
+    assert!(counters.read().is_empty());
+}
