@@ -75,24 +75,36 @@ pub fn boot(b: &Boot) -> Result<Outcome> {
     let console = b.dir.join(format!("{}-console.log", b.name));
     let mut qemu = Command::new("qemu-system-x86_64");
     // KVM is not usable on this machine kind (it stops with an internal error), so TCG; `-cpu max` gives the
-    // guest RDRAND, which seeds its entropy pool at once. No network device: the guest's only links are the
-    // ones its tests make.
-    qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", &b.cpus.to_string(), "-m", &b.memory_mib.to_string()])
-        .args(["-display", "none", "-vga", "none", "-monitor", "none", "-nic", "none", "-no-reboot"])
-        .arg("-kernel")
-        .arg(b.vmlinuz)
-        .arg("-initrd")
-        .arg(b.initramfs)
-        // A kernel that hangs (soft lockup) panics, and with -no-reboot QEMU exits, instead of the guest spinning until
-        // the deadline; loglevel 5 lets the lockup's backtraces (KERN_WARNING) reach the console log.
-        .args([
-            "-append",
-            "console=ttyS0 loglevel=5 panic=-1 softlockup_panic=1 softlockup_all_cpu_backtrace=1 rdinit=/init",
-        ])
-        .args(["-serial", "stdio", "-serial"])
-        .arg(format!("file:{}", results.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+    // guest RDRAND, which seeds its entropy pool at once. One host thread runs both vCPUs: with a thread each,
+    // a vCPU could go on running a stale translation of kernel text another vCPU had just patched (attaching a
+    // cgroup program flips a static key), and twice the guest hung with both CPUs looping on the int3 of a
+    // finished patch; this costs the matrix about a minute per kernel. No network device: the guest's only links
+    // are the ones its tests make.
+    qemu.args([
+        "-accel",
+        "tcg,thread=single",
+        "-cpu",
+        "max",
+        "-smp",
+        &b.cpus.to_string(),
+        "-m",
+        &b.memory_mib.to_string(),
+    ])
+    .args(["-display", "none", "-vga", "none", "-monitor", "none", "-nic", "none", "-no-reboot"])
+    .arg("-kernel")
+    .arg(b.vmlinuz)
+    .arg("-initrd")
+    .arg(b.initramfs)
+    // A kernel that hangs (soft lockup) panics, and with -no-reboot QEMU exits, instead of the guest spinning until
+    // the deadline; loglevel 5 lets the lockup's backtraces (KERN_WARNING) reach the console log.
+    .args([
+        "-append",
+        "console=ttyS0 loglevel=5 panic=-1 softlockup_panic=1 softlockup_all_cpu_backtrace=1 rdinit=/init",
+    ])
+    .args(["-serial", "stdio", "-serial"])
+    .arg(format!("file:{}", results.display()))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
     println!("+ {}", crate::cmd::display(&qemu));
     let started = Instant::now();
     let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
