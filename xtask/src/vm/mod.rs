@@ -104,10 +104,9 @@ pub fn run(args: &Args) -> Result<()> {
             memory_mib: MEMORY_MIB,
         };
         let mut outcome = guest::boot(&boot)?;
-        // Under QEMU's TCG a guest kernel has hung once in many runs (both CPUs in a soft lockup, one in the agent,
-        // one in a test, 2026-12-05), with no sign of it in the next boot of the same payload. One more boot,
-        // said in the report and kept in its console log, tells a stuck emulator from a hang of ours, which
-        // comes back.
+        // The emulator's known hang (a stale translation of patched kernel text) is avoided in `guest::boot`; for
+        // any other, one more boot, said in the report and kept in its console log, tells a stuck emulator from a
+        // hang of ours, which comes back.
         if let Some(hang) = if outcome.passed() { None } else { outcome.kernel_hang() } {
             let first = cache.join(format!("{}-hung-console.log", k.name));
             fs::rename(&outcome.console, &first)?;
